@@ -1,0 +1,115 @@
+"""Backend registry: which backends exist on this machine, which can take given inputs, and
+the choice between them.
+
+Backends (fastest first): ``cuda`` (the C++/CUDA extension), ``triton``, ``cpu`` (the C++ CPU
+implementation) and ``torch`` (the plain-PyTorch reference, which runs everywhere).
+``backend=None`` means auto: the first backend in that order whose `not_supported_reasons` is
+empty. An explicit backend that cannot run raises with its reasons; auto falls back and never
+hides a wrong answer. The environment variable ``LRKERNELS_BACKEND`` (read once at import) or
+`set_default_backend` replaces auto for the whole process (benchmarks, A/B checks).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+
+
+def _triton_status() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    return None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _compute_availability() -> dict[str, str | None]:
+    status: dict[str, str | None] = {}
+    cuda_device = torch.cuda.is_available()
+    if _ext.LOAD_ERROR is not None:
+        status["cuda"] = _ext.LOAD_ERROR
+    elif not _ext.has_kernel_for("lowrank_linear", "CUDA"):
+        status["cuda"] = "the extension was built without CUDA kernels (no nvcc or a CPU torch)"
+    elif not cuda_device:
+        status["cuda"] = "no CUDA device is visible"
+    else:
+        status["cuda"] = None
+    triton_error = _triton_status()
+    if triton_error is not None:
+        status["triton"] = triton_error
+    elif not cuda_device and not _interpreting():
+        status["triton"] = "no CUDA device (set TRITON_INTERPRET=1 to run on CPU, slowly)"
+    else:
+        status["triton"] = None
+    status["cpu"] = _ext.LOAD_ERROR
+    status["torch"] = None
+    return status
+
+
+_AVAILABILITY = _compute_availability()
+_DEFAULT_BACKEND: str | None = os.environ.get("LRKERNELS_BACKEND") or None
+if _DEFAULT_BACKEND is not None and _DEFAULT_BACKEND not in BACKENDS:
+    raise ValueError(f"LRKERNELS_BACKEND must be one of {BACKENDS}, got {_DEFAULT_BACKEND!r}")
+
+
+def available_backends() -> dict[str, str | None]:
+    """Maps each backend name to None when it can run on this machine, else to the reason why
+    not (e.g. ``{"cuda": "no CUDA device is visible", "cpu": None, ...}``)."""
+    return dict(_AVAILABILITY)
+
+
+def set_default_backend(backend: str | None) -> None:
+    """Use `backend` whenever a call passes ``backend=None`` (None restores auto)."""
+    global _DEFAULT_BACKEND
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    _DEFAULT_BACKEND = backend
+
+
+# op name -> function(backend, *args) -> list of reasons that backend cannot take these inputs
+_REASONS: dict[str, Callable[..., list[str]]] = {}
+
+
+def register_reasons(op: str, fn: Callable[..., list[str]]) -> None:
+    _REASONS[op] = fn
+
+
+def not_supported_reasons(op: str, backend: str, *args, explicit: bool = True, **kwargs) -> list[str]:
+    """Why `backend` cannot run `op` on these arguments ([] when it can). With
+    ``explicit=False`` (auto selection) a backend may also decline inputs it could run but
+    should not be picked for, such as CPU tensors under the Triton interpreter."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if op not in _REASONS:
+        raise ValueError(f"unknown op {op!r}; known: {sorted(_REASONS)}")
+    unavailable = _AVAILABILITY[backend]
+    if unavailable is not None:
+        return [unavailable]
+    return _REASONS[op](backend, *args, explicit=explicit, **kwargs)
+
+
+def select_backend(op: str, backend: str | None, *args, **kwargs) -> str:
+    """The backend that runs `op` on these arguments: `backend` (or the process default) if
+    given, which must support them, else the fastest one that does."""
+    requested = backend if backend is not None else _DEFAULT_BACKEND
+    if requested is not None:
+        reasons = not_supported_reasons(op, requested, *args, **kwargs)
+        if reasons:
+            raise RuntimeError(
+                f"{op}: backend {requested!r} cannot run these inputs: " + "; ".join(reasons)
+            )
+        return requested
+    for candidate in BACKENDS:
+        if not not_supported_reasons(op, candidate, *args, explicit=False, **kwargs):
+            return candidate
+    raise AssertionError("the torch backend supports every valid input")  # pragma: no cover

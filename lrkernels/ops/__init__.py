@@ -1,0 +1,1 @@
+"""One module per op family: the public function, backend choice, fake and autograd."""

@@ -1,0 +1,207 @@
+"""The fused low-rank linear: ``y = (x · Vᵀ) · Uᵀ + bias``.
+
+Three torch ops compute it, one per compiled backend, and the reference covers the rest:
+
+- ``lrkernels::lowrank_linear`` — C++ schema (csrc/registration.cpp) with a CPU kernel
+  (csrc/cpu) and a CUDA kernel (csrc/cuda), present when the extension is built;
+- ``lrkernels::lowrank_linear_triton`` — a `torch.library.triton_op` around
+  `lrkernels.triton_kernels.lowrank`;
+- the ``torch`` backend is `lrkernels.reference.lowrank_linear_reference` (two matmuls).
+
+Both ops get a fake implementation (shapes only, for torch.compile / meta tensors) and the
+same autograd formula, whose input gradient is itself a low-rank product through the same op:
+``dx = dy · U · V = lowrank(dy, Vᵀ, Uᵀ)``; ``dU = dyᵀ · (x · Vᵀ)``, ``dV = (dy · U)ᵀ · x``
+and ``dbias = Σ dy`` are ordinary GEMMs/reductions left to torch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .. import _ext, backends
+from ..reference import lowrank_linear_reference
+
+_OP = "lowrank_linear"
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Fill outputs with NaN before every launch so that an element a kernel forgot to write cannot
+# pass a test (read once: set it before importing lrkernels).
+_POISON = os.environ.get("LRKERNELS_POISON_OUTPUT") == "1"
+
+
+def lowrank_linear(
+    x: Tensor,
+    U: Tensor,
+    V: Tensor,
+    bias: Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """Low-rank linear layer ``y = (x · Vᵀ) · Uᵀ + bias``, equal to ``F.linear(x, U @ V, bias)``
+    up to rounding, without forming ``U @ V`` or writing the rank-r intermediate to memory.
+
+    Args:
+        x: ``(..., in_features)``; any leading dims (also none and zero-size), any strides.
+        U: ``(out_features, rank)``.
+        V: ``(rank, in_features)``.
+        bias: ``(out_features,)`` or None.
+        backend: ``"cuda"``, ``"triton"``, ``"cpu"``, ``"torch"`` or None (auto: the fastest
+            backend that supports these inputs; see `lrkernels.available_backends`).
+
+    Returns:
+        ``(..., out_features)`` in x's dtype.
+
+    Dtypes: float32, float16, bfloat16, all tensors the same (as `F.linear`); float64 too on the
+    ``cpu`` and ``torch`` backends (auto picks ``torch`` for float64 CUDA tensors). Products
+    accumulate in float32; for float16/bfloat16 the intermediate ``x · Vᵀ`` is rounded to the
+    input dtype before the second product, as torch's own two matmuls round it.
+
+    Raises:
+        TypeError / ValueError: bad arguments (named in the message), before any kernel runs.
+        RuntimeError: an explicit ``backend`` that cannot run these inputs, with the reasons.
+    """
+    check_lowrank_linear_args(x, U, V, bias)
+    chosen = backends.select_backend(_OP, backend, x, U, V, bias)
+    if chosen == "torch":
+        return lowrank_linear_reference(x, U, V, bias)
+    if chosen == "triton":
+        return torch.ops.lrkernels.lowrank_linear_triton(x, U, V, bias)
+    return torch.ops.lrkernels.lowrank_linear(x, U, V, bias)  # cuda or cpu, by x's device
+
+
+def check_lowrank_linear_args(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None) -> None:
+    """Raises TypeError/ValueError naming the bad argument; the C++ ops run the same checks."""
+    for name, t in (("x", x), ("U", U), ("V", V)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"lowrank_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"lowrank_linear: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"lowrank_linear: x must be float64, float32, float16 or bfloat16, got {x.dtype}"
+        )
+    named = [("U", U), ("V", V)] + ([("bias", bias)] if bias is not None else [])
+    for name, t in named:
+        if t.dtype != x.dtype:
+            raise TypeError(f"lowrank_linear: {name} must have x's dtype ({x.dtype}), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(
+                f"lowrank_linear: {name} must be on x's device ({x.device}), got {t.device}"
+            )
+    if x.dim() < 1:
+        raise ValueError("lowrank_linear: x must have shape (..., in_features), got a 0-d tensor")
+    if V.dim() != 2:
+        raise ValueError(f"lowrank_linear: V must be 2-D (rank, in_features), got shape {tuple(V.shape)}")
+    if U.dim() != 2:
+        raise ValueError(f"lowrank_linear: U must be 2-D (out_features, rank), got shape {tuple(U.shape)}")
+    rank, in_features = V.shape
+    if rank < 1:
+        raise ValueError(f"lowrank_linear: rank must be >= 1, got V of shape {tuple(V.shape)}")
+    if in_features != x.shape[-1]:
+        raise ValueError(
+            f"lowrank_linear: V must have shape (rank, {x.shape[-1]}) to match x's last "
+            f"dimension, got {tuple(V.shape)}"
+        )
+    if in_features < 1:
+        raise ValueError(f"lowrank_linear: in_features must be >= 1, got x of shape {tuple(x.shape)}")
+    if U.shape[1] != rank:
+        raise ValueError(
+            f"lowrank_linear: U must have shape (out_features, {rank}) to match V's rank, "
+            f"got {tuple(U.shape)}"
+        )
+    if U.shape[0] < 1:
+        raise ValueError(f"lowrank_linear: out_features must be >= 1, got U of shape {tuple(U.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != U.shape[0]):
+        raise ValueError(
+            f"lowrank_linear: bias must have shape ({U.shape[0]},), got {tuple(bias.shape)}"
+        )
+
+
+def _reasons(backend: str, x: Tensor, U: Tensor, V: Tensor, bias, *, explicit: bool) -> list[str]:
+    """Why `backend` cannot take these (already validated) inputs; [] when it can."""
+    if backend in ("cuda", "triton") and x.dtype not in _GPU_DTYPES:
+        return [f"the {backend} kernels take float32, float16 or bfloat16, got {x.dtype}"]
+    if backend == "cuda":
+        return [] if x.is_cuda else [f"the cuda backend needs CUDA tensors, got {x.device}"]
+    if backend == "cpu":
+        return [] if x.device.type == "cpu" else [f"the cpu backend needs CPU tensors, got {x.device}"]
+    if backend == "triton":
+        if x.is_cuda:
+            return []
+        if x.device.type != "cpu":
+            return [f"the triton backend needs CUDA tensors, got {x.device}"]
+        if not backends._interpreting():
+            return ["the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)"]
+        if not explicit:
+            return ["the Triton interpreter is never chosen automatically (it is slow)"]
+        if x.dtype == torch.bfloat16:
+            return ["the Triton interpreter computes bfloat16 dot products wrongly (triton #11584)"]
+        return []
+    return []  # torch
+
+
+backends.register_reasons(_OP, _reasons)
+
+
+# ----------------------------------------------------------------------------- torch ops
+
+
+def _fake(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None = None) -> Tensor:
+    return x.new_empty((*x.shape[:-1], U.shape[0]))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, U, V = inputs[:3]
+    ctx.save_for_backward(x, U, V)
+    ctx.has_bias = len(inputs) > 3 and inputs[3] is not None
+
+
+def _make_backward(op):
+    def backward(ctx, dy: Tensor):
+        x, U, V = ctx.saved_tensors
+        n_inputs = len(ctx.needs_input_grad)  # 3 when the call left bias at its default
+        need_x, need_U, need_V, need_b = (*ctx.needs_input_grad, False)[:4]
+        dx = dU = dV = db = None
+        if need_x:
+            dx = op(dy, V.t(), U.t(), None)  # dy · U · V: the same fused low-rank product
+        x2 = x.reshape(-1, x.shape[-1])
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if need_U:
+            dU = dy2.t() @ (x2 @ V.t())
+        if need_V:
+            dV = (dy2 @ U).t() @ x2
+        if need_b and ctx.has_bias:
+            db = dy2.sum(0)
+        return (dx, dU, dV, db)[:n_inputs]
+
+    return backward
+
+
+if _ext.has_op(_OP):
+    torch.library.register_fake(f"lrkernels::{_OP}")(_fake)
+    torch.library.register_autograd(
+        f"lrkernels::{_OP}",
+        _make_backward(lambda *a: torch.ops.lrkernels.lowrank_linear(*a)),
+        setup_context=_setup_context,
+    )
+
+if backends._triton_status() is None:  # registered even without a GPU: the interpreter runs it
+    from ..triton_kernels.lowrank import launch_lowrank_linear
+
+    @torch.library.triton_op("lrkernels::lowrank_linear_triton", mutates_args=())
+    def _lowrank_linear_triton(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None) -> Tensor:
+        out = torch.empty((*x.shape[:-1], U.shape[0]), device=x.device, dtype=x.dtype)
+        if _POISON:
+            out.fill_(float("nan"))
+        if out.numel() > 0:
+            launch_lowrank_linear(x.reshape(-1, x.shape[-1]), U, V, bias, out.view(-1, U.shape[0]))
+        return out
+
+    torch.library.register_autograd(
+        "lrkernels::lowrank_linear_triton",
+        _make_backward(lambda *a: torch.ops.lrkernels.lowrank_linear_triton(*a)),
+        setup_context=_setup_context,
+    )

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Creates the project's virtual environment (.venv, or $LRKERNELS_VENV) with requirements-dev.txt
+# and builds the extension into the source tree (pip install --no-build-isolation -e .).
+# Idempotent: an existing environment is reused, the build is incremental.
+# Source it (`. scripts/setup_env.sh`) to get $PY; the other scripts do.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${LRKERNELS_VENV:-$ROOT/.venv}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating $VENV"
+  python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+if ! "$PY" -c "import torch, triton, numpy, ninja, pytest" 2>/dev/null \
+  || ! [ -x "$VENV/bin/ruff" ] || ! [ -x "$VENV/bin/clang-format" ]; then
+  echo "== installing requirements-dev.txt (a CUDA build of torch: a few minutes the first time)"
+  "$PY" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements-dev.txt"
+fi
+
+# CUDA: torch infers CUDA_HOME from nvcc's folder unless told (and /usr/local/bin/nvcc would give
+# /usr/local, where the link then fails), so point it at the toolkit nvcc belongs to.
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
+  CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
+  export CUDA_HOME
+fi
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+echo "== building lrkernels._C (CUDA_HOME=${CUDA_HOME:-none}, MAX_JOBS=$MAX_JOBS)"
+start=$(date +%s)
+(cd "$ROOT" && "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .)
+echo "== built in $(( $(date +%s) - start )) s"
+export PY
