@@ -74,7 +74,9 @@ def _extensions():
         if not os.environ.get("CUDA_HOME"):
             # torch otherwise infers CUDA_HOME from nvcc's folder (/usr/local/bin -> /usr/local)
             # and the link fails with "cannot find -lcudart".
-            os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(_find_nvcc())))
+            os.environ["CUDA_HOME"] = os.path.dirname(
+                os.path.dirname(os.path.realpath(_find_nvcc()))
+            )
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         ext = CUDAExtension(
             "lrkernels._C",

@@ -18,7 +18,9 @@ _NAME = "lrkernels.triton_kernels"
 def ensure_triton_kernels_package() -> None:
     if _NAME in sys.modules or importlib.util.find_spec(_NAME) is not None:
         return
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "triton_kernels")
+    folder = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "triton_kernels"
+    )
     init = os.path.join(folder, "__init__.py")
     if not os.path.exists(init):
         return

@@ -84,7 +84,9 @@ def register_reasons(op: str, fn: Callable[..., list[str]]) -> None:
     _REASONS[op] = fn
 
 
-def not_supported_reasons(op: str, backend: str, *args, explicit: bool = True, **kwargs) -> list[str]:
+def not_supported_reasons(
+    op: str, backend: str, *args, explicit: bool = True, **kwargs
+) -> list[str]:
     """Why `backend` cannot run `op` on these arguments ([] when it can). With
     ``explicit=False`` (auto selection) a backend may also decline inputs it could run but
     should not be picked for, such as CPU tensors under the Triton interpreter."""

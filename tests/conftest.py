@@ -43,7 +43,10 @@ HAS_CUDA = torch.cuda.is_available()
 def pytest_report_header(config):
     avail = lrkernels.available_backends()
     lines = [f"lrkernels test seed: LRKERNELS_TEST_SEED={BASE_SEED}"]
-    lines += [f"  backend {k}: {'available' if v is None else 'unavailable: ' + v}" for k, v in avail.items()]
+    lines += [
+        f"  backend {k}: {'available' if v is None else 'unavailable: ' + v}"
+        for k, v in avail.items()
+    ]
     return lines
 
 
@@ -74,4 +77,6 @@ def assert_matches(out, exact, same_dtype_torch, *, what="output"):
     err = relative_error(out, exact)
     torch_err = relative_error(same_dtype_torch, exact)
     bound = 2 * torch_err + ERROR_FLOOR[out.dtype]
-    assert err <= bound, f"{what}: relative error {err:.3e} > bound {bound:.3e} (torch: {torch_err:.3e})"
+    assert err <= bound, (
+        f"{what}: relative error {err:.3e} > bound {bound:.3e} (torch: {torch_err:.3e})"
+    )

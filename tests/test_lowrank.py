@@ -89,7 +89,7 @@ def test_gradients_match_reference(backend, bias):
 
     lrkernels.lowrank_linear(*unpack(leaves), backend=backend).backward(dy)
     lowrank_linear_exact(*unpack(ref_leaves)).backward(dy.double())
-    for name, got, want in zip("xUVb", leaves, ref_leaves):
+    for name, got, want in zip("xUVb", leaves, ref_leaves, strict=False):
         assert got.grad is not None, f"no gradient for {name}"
         err = (got.grad.double() - want.grad).norm() / want.grad.norm()
         assert err < 1e-5, f"grad {name}: relative error {err:.2e}"
@@ -211,13 +211,43 @@ def _bad_inputs():
         ("0-d x", (torch.tensor(1.0), U, V, b), ValueError, "0-d"),
         ("V not 2-D", (x, U, V.reshape(24), b), ValueError, "V must be 2-D"),
         ("U not 2-D", (x, U.reshape(18), V, b), ValueError, "U must be 2-D"),
-        ("in mismatch", (x, U, torch.randn(3, 7, **f32), b), ValueError, r"V must have shape \(rank, 8\)"),
-        ("rank mismatch", (x, torch.randn(6, 4, **f32), V, b), ValueError, r"U must have shape \(out_features, 3\)"),
-        ("rank 0", (x, torch.randn(6, 0, **f32), torch.randn(0, 8, **f32), b), ValueError, "rank must be >= 1"),
-        ("bias shape", (x, U, V, torch.randn(5, **f32)), ValueError, r"bias must have shape \(6,\)"),
-        ("bias 2-D", (x, U, V, torch.randn(1, 6, **f32)), ValueError, r"bias must have shape \(6,\)"),
+        (
+            "in mismatch",
+            (x, U, torch.randn(3, 7, **f32), b),
+            ValueError,
+            r"V must have shape \(rank, 8\)",
+        ),
+        (
+            "rank mismatch",
+            (x, torch.randn(6, 4, **f32), V, b),
+            ValueError,
+            r"U must have shape \(out_features, 3\)",
+        ),
+        (
+            "rank 0",
+            (x, torch.randn(6, 0, **f32), torch.randn(0, 8, **f32), b),
+            ValueError,
+            "rank must be >= 1",
+        ),
+        (
+            "bias shape",
+            (x, U, V, torch.randn(5, **f32)),
+            ValueError,
+            r"bias must have shape \(6,\)",
+        ),
+        (
+            "bias 2-D",
+            (x, U, V, torch.randn(1, 6, **f32)),
+            ValueError,
+            r"bias must have shape \(6,\)",
+        ),
         ("not a tensor", (x.tolist(), U, V, b), TypeError, "x must be a torch.Tensor"),
-        ("in 0", (torch.randn(4, 0), U, torch.randn(3, 0), b), ValueError, "in_features must be >= 1"),
+        (
+            "in 0",
+            (torch.randn(4, 0), U, torch.randn(3, 0), b),
+            ValueError,
+            "in_features must be >= 1",
+        ),
     ]
 
 
@@ -228,7 +258,9 @@ def test_bad_input_python_errors(case):
         lrkernels.lowrank_linear(*args)
 
 
-@pytest.mark.parametrize("case", [c for c in _bad_inputs() if c[0] != "not a tensor"], ids=lambda c: c[0])
+@pytest.mark.parametrize(
+    "case", [c for c in _bad_inputs() if c[0] != "not a tensor"], ids=lambda c: c[0]
+)
 def test_bad_input_cpp_errors(case):
     """The C++ checks (shared by the CPU and CUDA kernels) reject the same inputs."""
     if lrkernels.available_backends()["cpu"] is not None:
@@ -245,12 +277,16 @@ def test_device_mismatch_error():
             lrkernels.lowrank_linear(torch.randn(4, 8), meta, torch.randn(3, 8))
         return
     with pytest.raises(ValueError, match="V must be on x's device"):
-        lrkernels.lowrank_linear(torch.randn(4, 8, device="cuda"), torch.randn(6, 3, device="cuda"), torch.randn(3, 8))
+        lrkernels.lowrank_linear(
+            torch.randn(4, 8, device="cuda"), torch.randn(6, 3, device="cuda"), torch.randn(3, 8)
+        )
 
 
 def test_meta_tensors_give_shapes():
     x = torch.empty(2, 5, 8, device="meta")
-    out = lrkernels.lowrank_linear(x, torch.empty(6, 3, device="meta"), torch.empty(3, 8, device="meta"))
+    out = lrkernels.lowrank_linear(
+        x, torch.empty(6, 3, device="meta"), torch.empty(3, 8, device="meta")
+    )
     assert out.shape == (2, 5, 6) and out.device.type == "meta"
 
 

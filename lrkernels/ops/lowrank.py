@@ -76,9 +76,13 @@ def check_lowrank_linear_args(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | No
     """Raises TypeError/ValueError naming the bad argument; the C++ ops run the same checks."""
     for name, t in (("x", x), ("U", U), ("V", V)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"lowrank_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(
+                f"lowrank_linear: {name} must be a torch.Tensor, got {type(t).__name__}"
+            )
     if bias is not None and not isinstance(bias, Tensor):
-        raise TypeError(f"lowrank_linear: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        raise TypeError(
+            f"lowrank_linear: bias must be a torch.Tensor or None, got {type(bias).__name__}"
+        )
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(
             f"lowrank_linear: x must be float64, float32, float16 or bfloat16, got {x.dtype}"
@@ -86,7 +90,9 @@ def check_lowrank_linear_args(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | No
     named = [("U", U), ("V", V)] + ([("bias", bias)] if bias is not None else [])
     for name, t in named:
         if t.dtype != x.dtype:
-            raise TypeError(f"lowrank_linear: {name} must have x's dtype ({x.dtype}), got {t.dtype}")
+            raise TypeError(
+                f"lowrank_linear: {name} must have x's dtype ({x.dtype}), got {t.dtype}"
+            )
         if t.device != x.device:
             raise ValueError(
                 f"lowrank_linear: {name} must be on x's device ({x.device}), got {t.device}"
@@ -94,9 +100,13 @@ def check_lowrank_linear_args(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | No
     if x.dim() < 1:
         raise ValueError("lowrank_linear: x must have shape (..., in_features), got a 0-d tensor")
     if V.dim() != 2:
-        raise ValueError(f"lowrank_linear: V must be 2-D (rank, in_features), got shape {tuple(V.shape)}")
+        raise ValueError(
+            f"lowrank_linear: V must be 2-D (rank, in_features), got shape {tuple(V.shape)}"
+        )
     if U.dim() != 2:
-        raise ValueError(f"lowrank_linear: U must be 2-D (out_features, rank), got shape {tuple(U.shape)}")
+        raise ValueError(
+            f"lowrank_linear: U must be 2-D (out_features, rank), got shape {tuple(U.shape)}"
+        )
     rank, in_features = V.shape
     if rank < 1:
         raise ValueError(f"lowrank_linear: rank must be >= 1, got V of shape {tuple(V.shape)}")
@@ -106,14 +116,18 @@ def check_lowrank_linear_args(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | No
             f"dimension, got {tuple(V.shape)}"
         )
     if in_features < 1:
-        raise ValueError(f"lowrank_linear: in_features must be >= 1, got x of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"lowrank_linear: in_features must be >= 1, got x of shape {tuple(x.shape)}"
+        )
     if U.shape[1] != rank:
         raise ValueError(
             f"lowrank_linear: U must have shape (out_features, {rank}) to match V's rank, "
             f"got {tuple(U.shape)}"
         )
     if U.shape[0] < 1:
-        raise ValueError(f"lowrank_linear: out_features must be >= 1, got U of shape {tuple(U.shape)}")
+        raise ValueError(
+            f"lowrank_linear: out_features must be >= 1, got U of shape {tuple(U.shape)}"
+        )
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != U.shape[0]):
         raise ValueError(
             f"lowrank_linear: bias must have shape ({U.shape[0]},), got {tuple(bias.shape)}"
@@ -127,7 +141,9 @@ def _reasons(backend: str, x: Tensor, U: Tensor, V: Tensor, bias, *, explicit: b
     if backend == "cuda":
         return [] if x.is_cuda else [f"the cuda backend needs CUDA tensors, got {x.device}"]
     if backend == "cpu":
-        return [] if x.device.type == "cpu" else [f"the cpu backend needs CPU tensors, got {x.device}"]
+        return (
+            [] if x.device.type == "cpu" else [f"the cpu backend needs CPU tensors, got {x.device}"]
+        )
     if backend == "triton":
         if x.is_cuda:
             return []

@@ -1,0 +1,1 @@
+"""Benchmarks of lrkernels; shared machinery in bench.harness and bench.plot."""

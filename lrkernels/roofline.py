@@ -1,0 +1,184 @@
+"""Roofline model: FLOP and minimum-byte counts of the ops, and measured device peaks.
+
+The peaks are *measured* on the machine that runs the benchmark (a device-to-device copy for
+bandwidth, a large matrix product for the arithmetic rate), never copied from a datasheet, so a
+roofline fraction says how close a kernel gets to what this very device demonstrably sustains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import statistics
+import time
+
+import torch
+
+__all__ = [
+    "DevicePeaks",
+    "dense_linear_cost",
+    "device_name",
+    "lowrank_linear_cost",
+    "measure_peaks",
+    "roofline_fraction",
+    "roofline_time",
+]
+
+
+def lowrank_linear_cost(
+    M: int, in_f: int, out_f: int, rank: int, dtype_bytes: int, bias: bool = True
+) -> tuple[int, int]:
+    """(flops, minimum bytes) of y = (x·Vᵀ)·Uᵀ + b with x (M, in), V (rank, in), U (out, rank).
+
+    Two multiply-adds per product term; the bias adds one FLOP per output element. The byte count
+    is the floor of any implementation: every operand read once, y written once, and the rank-r
+    intermediate kept on chip (it never touches memory).
+    """
+    flops = 2 * M * in_f * rank + 2 * M * rank * out_f
+    elems = M * in_f + rank * in_f + out_f * rank + M * out_f
+    if bias:
+        flops += M * out_f
+        elems += out_f
+    return flops, elems * dtype_bytes
+
+
+def dense_linear_cost(
+    M: int, in_f: int, out_f: int, dtype_bytes: int, bias: bool = True
+) -> tuple[int, int]:
+    """(flops, minimum bytes) of the dense baseline y = x·Wᵀ + b with W (out, in)."""
+    flops = 2 * M * in_f * out_f
+    elems = M * in_f + out_f * in_f + M * out_f
+    if bias:
+        flops += M * out_f
+        elems += out_f
+    return flops, elems * dtype_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class DevicePeaks:
+    """What one device sustains: bytes/s of a copy and FLOP/s of a matmul in one dtype."""
+
+    name: str
+    bandwidth_bytes_per_s: float
+    flops_per_s: float
+    measured: bool
+    how: str
+
+
+def roofline_time(flops: float, bytes_: float, peaks: DevicePeaks) -> float:
+    """Lower bound in seconds: the slower of the compute time and the memory time at the peaks."""
+    return max(flops / peaks.flops_per_s, bytes_ / peaks.bandwidth_bytes_per_s)
+
+
+def roofline_fraction(flops: float, bytes_: float, peaks: DevicePeaks, seconds: float) -> float:
+    """roofline_time / measured time: 1.0 means the kernel runs at the bound."""
+    return roofline_time(flops, bytes_, peaks) / seconds
+
+
+_CACHE: dict[tuple[str, torch.dtype], DevicePeaks] = {}
+_BANDWIDTH: dict[str, float] = {}
+
+
+def device_name(device: torch.device) -> str:
+    """torch.cuda.get_device_name on a GPU; the CPU model name (or platform.processor()) else."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _median_seconds(fn, device: torch.device, warmup: int, runs: int) -> float:
+    """Median wall time of fn() in seconds (CUDA events on a GPU, perf_counter on a CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(runs):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_peaks(device: torch.device | str, dtype: torch.dtype) -> DevicePeaks:
+    """Measure copy bandwidth and matmul rate of `device` in `dtype`; cached per (device, dtype).
+
+    CUDA: clone of a 1 GiB buffer (bytes read + written) and an 8192³ matmul in `dtype`.
+    CPU: clone of a 256 MiB buffer and a 1024³ matmul, the better of float32 and `dtype` (a
+    kernel may always compute in float32). Medians of several runs after warm-up.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (str(device), dtype)
+    if key in _CACHE:
+        return _CACHE[key]
+
+    on_gpu = device.type == "cuda"
+    copy_bytes = (1 << 30) if on_gpu else (256 << 20)
+    n = 8192 if on_gpu else 1024
+    runs = 10 if on_gpu else 5
+
+    if str(device) not in _BANDWIDTH:  # the same for every dtype
+        src = torch.empty(copy_bytes, dtype=torch.uint8, device=device)
+        src.fill_(1)
+        copy_s = _median_seconds(src.clone, device, warmup=2, runs=runs)
+        _BANDWIDTH[str(device)] = 2 * copy_bytes / copy_s
+        del src
+    bandwidth = _BANDWIDTH[str(device)]
+
+    def matmul_rate(dt: torch.dtype) -> float:
+        gen = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(n, n, device=device, generator=gen).to(dt)
+        b = torch.randn(n, n, device=device, generator=gen).to(dt)
+        if not on_gpu:  # a dtype without a fast CPU kernel can take seconds: one trial first
+            t0 = time.perf_counter()
+            a @ b
+            trial = time.perf_counter() - t0
+            if trial > 0.5:
+                return 2 * n**3 / trial
+        return 2 * n**3 / _median_seconds(lambda: a @ b, device, warmup=3, runs=runs)
+
+    dname = str(dtype).replace("torch.", "")
+    if on_gpu:
+        flops = matmul_rate(dtype)
+        mm_how = f"{n}^3 {dname}"
+    else:
+        # Any CPU kernel may compute in float32, so the CPU peak is the better of the two rates.
+        flops = matmul_rate(torch.float32)
+        mm_how = f"{n}^3, best of float32 and {dname}" if dtype != torch.float32 else f"{n}^3"
+        if dtype != torch.float32:
+            try:
+                flops = max(flops, matmul_rate(dtype))
+            except RuntimeError:  # no CPU matmul for this dtype
+                mm_how = f"{n}^3 float32 ({dname} has no CPU matmul)"
+
+    how = (
+        f"copy: clone of {copy_bytes >> 20} MiB, read+written, median of {runs}; "
+        f"matmul: {mm_how}, random data, median of {runs}"
+    )
+    peaks = DevicePeaks(
+        name=device_name(device),
+        bandwidth_bytes_per_s=bandwidth,
+        flops_per_s=flops,
+        measured=True,
+        how=how,
+    )
+    _CACHE[key] = peaks
+    return peaks
