@@ -51,8 +51,8 @@ int main() {
   expect(y.sizes() == at::IntArrayRef({3, 37, 29}), "output shape (3, 37, 29)");
   expect(at::allclose(y, at::linear(x, U.mm(V), b), 1e-4, 1e-4), "float32 equals dense linear");
 
-  const auto yh = lowrank_linear(x.to(at::kBFloat16), U.to(at::kBFloat16), V.to(at::kBFloat16),
-                                 std::nullopt);
+  const auto yh =
+      lowrank_linear(x.to(at::kBFloat16), U.to(at::kBFloat16), V.to(at::kBFloat16), std::nullopt);
   const auto ref = at::linear(x, U.mm(V));
   const double rel = ((yh.to(at::kFloat) - ref).norm() / ref.norm()).item<double>();
   expect(yh.scalar_type() == at::kBFloat16 && rel < 2e-2, "bfloat16 within bf16 rounding");

@@ -1,8 +1,8 @@
 // C++ CPU implementation of lowrank_linear: y = (x · Vᵀ) · Uᵀ + bias.
 //
-// Same numerics as the GPU kernels: products accumulate in float32 (float64 for float64); for float16/bfloat16 the
-// rank-r intermediate t = x · Vᵀ is rounded to the input dtype before the second product (what
-// the tensor-core kernels do, and what torch's two same-dtype matmuls do).
+// Same numerics as the GPU kernels: products accumulate in float32 (float64 for float64); for
+// float16/bfloat16 the rank-r intermediate t = x · Vᵀ is rounded to the input dtype before the
+// second product (what the tensor-core kernels do, and what torch's two same-dtype matmuls do).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -28,8 +28,8 @@ at::Tensor lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& U, const at
   if (x.scalar_type() != acc) {
     t = t.to(x.scalar_type()).to(acc);  // round the intermediate like the GPU kernels
   }
-  at::Tensor y = bias.has_value() ? at::addmm(bias->to(acc), t, U.to(acc).t())
-                                  : at::mm(t, U.to(acc).t());
+  at::Tensor y =
+      bias.has_value() ? at::addmm(bias->to(acc), t, U.to(acc).t()) : at::mm(t, U.to(acc).t());
   return y.to(x.scalar_type()).reshape(out_shape);
 }
 
