@@ -27,28 +27,43 @@ def _env_flag(name):
     return value == "1"
 
 
-def _find_nvcc():
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
-        return os.path.join(cuda_home, "bin", "nvcc")
-    return shutil.which("nvcc")
+def _cuda_home():
+    """The CUDA toolkit folder (holding bin/nvcc, include/, lib64/), or None."""
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    nvcc = shutil.which("nvcc")
+    if nvcc:  # follow symlinks: /usr/bin/nvcc -> /opt/cuda-13/bin/nvcc
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if os.path.isdir(os.path.join(home, "include")) and os.path.exists(
+            os.path.join(home, "include", "cuda_runtime.h")
+        ):
+            return home
+    return None
 
 
 def _cuda_include_workaround():
     # torch's CUDA headers include cusparse.h, which a bare toolkit may lack; the CUDA build of
-    # torch ships it under site-packages/nvidia/cu13/include (ENVIRONMENT.md).
+    # torch ships it under site-packages/nvidia/cu13/include (ENVIRONMENT.md). Searched after
+    # the toolkit's own headers (-idirafter): that folder also holds a partial cuda_runtime.h
+    # that must not shadow the toolkit's.
     import torch
 
     site = os.path.dirname(os.path.dirname(torch.__file__))
-    extra = [
-        d for d in glob.glob(os.path.join(site, "nvidia", "cu*", "include")) if os.path.isdir(d)
-    ]
-    return extra
+    hits = glob.glob(os.path.join(site, "nvidia", "*", "include", "cusparse.h"))
+    return sorted({os.path.dirname(h) for h in hits})
 
 
 def _extensions():
     if _env_flag("LRKERNELS_BUILD_EXT") is False:
         return [], {}
+    cuda_home = _cuda_home()
+    if cuda_home:
+        # torch otherwise infers CUDA_HOME from nvcc's folder (/usr/local/bin/nvcc gives
+        # /usr/local): the wrong headers, and the link fails with "cannot find -lcudart". It
+        # reads CUDA_HOME when torch.utils.cpp_extension is imported, so set it first.
+        os.environ["CUDA_HOME"] = cuda_home
+
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
@@ -58,33 +73,30 @@ def _extensions():
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu"))
 
     want_cuda = _env_flag("LRKERNELS_BUILD_CUDA")
-    can_cuda = torch.version.cuda is not None and _find_nvcc() is not None
+    can_cuda = torch.version.cuda is not None and cuda_home is not None
     if want_cuda is None:
         want_cuda = can_cuda
     elif want_cuda and not can_cuda:
         raise SystemExit(
             "LRKERNELS_BUILD_CUDA=1 but "
-            + ("torch is a CPU build" if torch.version.cuda is None else "nvcc was not found")
+            + (
+                "torch is a CPU build"
+                if torch.version.cuda is None
+                else "no CUDA toolkit was found (set CUDA_HOME)"
+            )
         )
 
     # No -std flag: torch's cpp_extension passes the standard the installed torch needs (C++20 for
     # torch >= 2.10, C++17 before).
     cxx_flags = ["-O3"]
     if want_cuda:
-        if not os.environ.get("CUDA_HOME"):
-            # torch otherwise infers CUDA_HOME from nvcc's folder (/usr/local/bin -> /usr/local)
-            # and the link fails with "cannot find -lcudart".
-            os.environ["CUDA_HOME"] = os.path.dirname(
-                os.path.dirname(os.path.realpath(_find_nvcc()))
-            )
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
         ext = CUDAExtension(
             "lrkernels._C",
             cpu_sources + cuda_sources,
-            include_dirs=_cuda_include_workaround(),
             define_macros=[("LRKERNELS_WITH_CUDA", "1")],
             extra_compile_args={
-                "cxx": cxx_flags,
+                "cxx": cxx_flags + [f"-idirafter{d}" for d in _cuda_include_workaround()],
                 "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
             },
         )

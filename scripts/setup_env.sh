@@ -18,14 +18,9 @@ if ! "$PY" -c "import torch, triton, numpy, ninja, pytest" 2>/dev/null \
   "$PY" -m pip install -q --disable-pip-version-check -r "$ROOT/requirements-dev.txt"
 fi
 
-# CUDA: torch infers CUDA_HOME from nvcc's folder unless told (and /usr/local/bin/nvcc would give
-# /usr/local, where the link then fails), so point it at the toolkit nvcc belongs to.
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
-  CUDA_HOME="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
-  export CUDA_HOME
-fi
+# setup.py finds the CUDA toolkit itself (CUDA_HOME, else /usr/local/cuda, else nvcc's folder).
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-echo "== building lrkernels._C (CUDA_HOME=${CUDA_HOME:-none}, MAX_JOBS=$MAX_JOBS)"
+echo "== building lrkernels._C (MAX_JOBS=$MAX_JOBS)"
 start=$(date +%s)
 (cd "$ROOT" && "$PY" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .)
 echo "== built in $(( $(date +%s) - start )) s"
