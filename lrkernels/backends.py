@@ -76,6 +76,36 @@ def set_default_backend(backend: str | None) -> None:
     _DEFAULT_BACKEND = backend
 
 
+GPU_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def device_and_dtype_reasons(backend: str, x: torch.Tensor, *, explicit: bool) -> list[str]:
+    """The rules every op shares, judged on its main input `x`: the cuda kernels need CUDA
+    tensors, the cpu kernels CPU tensors; the GPU kernels take float32/float16/bfloat16; the
+    triton backend runs CPU tensors only under the interpreter, only when asked for by name,
+    and not in bfloat16 (the interpreter gets bfloat16 dot products wrong)."""
+    if backend in ("cuda", "triton") and x.dtype not in GPU_KERNEL_DTYPES:
+        return [f"the {backend} kernels take float32, float16 or bfloat16, got {x.dtype}"]
+    if backend == "cuda":
+        return [] if x.is_cuda else [f"the cuda backend needs CUDA tensors, got {x.device}"]
+    if backend == "cpu":
+        return (
+            [] if x.device.type == "cpu" else [f"the cpu backend needs CPU tensors, got {x.device}"]
+        )
+    if backend == "triton":
+        if x.is_cuda:
+            return []
+        if x.device.type != "cpu":
+            return [f"the triton backend needs CUDA tensors, got {x.device}"]
+        if not _interpreting():
+            return ["the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)"]
+        if not explicit:
+            return ["the Triton interpreter is never chosen automatically (it is slow)"]
+        if x.dtype == torch.bfloat16:
+            return ["the Triton interpreter computes bfloat16 dot products wrongly (triton #11584)"]
+    return []
+
+
 # op name -> function(backend, *args) -> list of reasons that backend cannot take these inputs
 _REASONS: dict[str, Callable[..., list[str]]] = {}
 

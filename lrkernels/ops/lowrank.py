@@ -26,7 +26,6 @@ from ..reference import lowrank_linear_reference
 
 _OP = "lowrank_linear"
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-_GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Fill outputs with NaN before every launch so that an element a kernel forgot to write cannot
 # pass a test (read once: set it before importing lrkernels).
 _POISON = os.environ.get("LRKERNELS_POISON_OUTPUT") == "1"
@@ -136,27 +135,7 @@ def check_lowrank_linear_args(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | No
 
 def _reasons(backend: str, x: Tensor, U: Tensor, V: Tensor, bias, *, explicit: bool) -> list[str]:
     """Why `backend` cannot take these (already validated) inputs; [] when it can."""
-    if backend in ("cuda", "triton") and x.dtype not in _GPU_DTYPES:
-        return [f"the {backend} kernels take float32, float16 or bfloat16, got {x.dtype}"]
-    if backend == "cuda":
-        return [] if x.is_cuda else [f"the cuda backend needs CUDA tensors, got {x.device}"]
-    if backend == "cpu":
-        return (
-            [] if x.device.type == "cpu" else [f"the cpu backend needs CPU tensors, got {x.device}"]
-        )
-    if backend == "triton":
-        if x.is_cuda:
-            return []
-        if x.device.type != "cpu":
-            return [f"the triton backend needs CUDA tensors, got {x.device}"]
-        if not backends._interpreting():
-            return ["the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)"]
-        if not explicit:
-            return ["the Triton interpreter is never chosen automatically (it is slow)"]
-        if x.dtype == torch.bfloat16:
-            return ["the Triton interpreter computes bfloat16 dot products wrongly (triton #11584)"]
-        return []
-    return []  # torch
+    return backends.device_and_dtype_reasons(backend, x, explicit=explicit)
 
 
 backends.register_reasons(_OP, _reasons)

@@ -1,0 +1,275 @@
+"""Tests of the fused Triton low-rank kernel: y = (x @ V.T) @ U.T + bias.
+
+Every output is compared with a float64 reference by relative Frobenius error: float32
+within 1e-5, float16 within 2x torch's own float16 two-matmul error (+1e-6). Outputs are
+poisoned with NaN first, so an element the kernel never writes fails.
+
+Without CUDA the kernel runs under the Triton interpreter (TRITON_INTERPRET=1, set
+before triton is imported) on CPU tensors. The interpreter cannot do bfloat16 dots, so
+bfloat16 is only tested on a GPU.
+"""
+
+import os
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_REPO_ROOT = str(Path(__file__).resolve().parents[1])
+if _REPO_ROOT not in sys.path:
+    sys.path.insert(0, _REPO_ROOT)
+
+try:
+    from triton_kernels import lowrank
+except ImportError:  # installed layout
+    from lrkernels.triton_kernels import lowrank
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FP32_TOL = 1e-5
+FLOOR = 1e-6
+
+# Shapes are tiny on purpose: the interpreter runs every program in numpy.
+
+
+@pytest.fixture(autouse=True)
+def _per_test_seed(request):
+    # The project conftest (when present) seeds every test itself, from a per-run base seed
+    # mixed with the test id; without it, seed from the test id alone.
+    if "_seed" not in request.fixturenames:
+        torch.manual_seed(zlib.crc32(request.node.nodeid.encode()) % 2**31)
+    yield
+
+
+def _make(M, K, N, R, dtype, bias=True):
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape) * scale).to(dtype=dtype, device=DEVICE)
+
+    x = rnd(M, K)
+    V = rnd(R, K, scale=K**-0.5)
+    U = rnd(N, R, scale=R**-0.5)
+    b = rnd(N) if bias else None
+    return x, U, V, b
+
+
+def _reference(x, U, V, b):
+    ref = (x.double() @ V.double().T) @ U.double().T
+    if b is not None:
+        ref = ref + b.double()
+    return ref
+
+
+def _rel_err(a, ref):
+    return ((a.double() - ref).norm() / ref.norm()).item()
+
+
+def _poisoned_out(M, N, dtype):
+    return torch.full((M, N), float("nan"), dtype=dtype, device=DEVICE)
+
+
+def _check(x, U, V, b, out=None, config=None):
+    """Launches the kernel into a NaN-poisoned buffer and checks it against float64."""
+    M, N = x.shape[0], U.shape[0]
+    if out is None:
+        out = _poisoned_out(M, N, x.dtype)
+    lowrank.launch_lowrank_linear(x, U, V, b, out, config=config)
+    assert not torch.isnan(out).any(), "unwritten (NaN) output elements"
+    ref = _reference(x, U, V, b)
+    err = _rel_err(out, ref)
+    if x.dtype == torch.float32:
+        bound = FP32_TOL
+    else:
+        # torch's own same-dtype two-matmul is the yardstick for 16-bit dtypes.
+        torch_out = F.linear(F.linear(x, V), U, b)
+        bound = 2 * _rel_err(torch_out, ref) + FLOOR
+    assert err <= bound, f"rel err {err:.3e} > bound {bound:.3e}"
+    return out
+
+
+DTYPES = [torch.float32, torch.float16]
+DTYPE_IDS = ["fp32", "fp16"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_odd_sizes(dtype, bias):
+    _check(*_make(37, 45, 29, 7, dtype, bias=bias))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_single_row(dtype):
+    _check(*_make(1, 33, 21, 5, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_rank_one(dtype):
+    _check(*_make(9, 19, 23, 1, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_rank_above_64(dtype):
+    _check(*_make(20, 24, 18, 100, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_rank_512_whole(dtype):
+    # Largest rank kept whole on chip (RANK_PAD = 512).
+    x, U, V, b = _make(3, 10, 9, 512, dtype)
+    assert not lowrank.choose_config(3, 10, 9, 512, dtype, 1)["RANK_CHUNKED"]
+    _check(x, U, V, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_rank_above_512_chunked(dtype):
+    # 600 = 9 full chunks of 64 (18 of 32 for float32) + a partial one.
+    x, U, V, b = _make(5, 12, 10, 600, dtype)
+    assert lowrank.choose_config(5, 12, 10, 600, dtype, 1)["RANK_CHUNKED"]
+    _check(x, U, V, b)
+
+
+@pytest.mark.parametrize("R", [24, 520], ids=["whole", "chunked"])
+def test_fp16_rounds_intermediate(R):
+    """For 16-bit dtypes t = x @ V.T is rounded to the dtype before the second product.
+
+    Emulated exactly in float64: y16 = fp16(fp16(x @ V.T) @ U.T). A kernel that rounds t
+    differs from it only where fp32 accumulation flips a rounding (far below the rounding
+    error itself); one that skips the rounding differs by about the full fp16 error.
+    """
+    x, U, V, _ = _make(29, 120, 23, R, torch.float16, bias=False)
+    out = _check(x, U, V, None)
+    t16 = (x.double() @ V.double().T).half().double()
+    emulated = (t16 @ U.double().T).half()
+    exact = _reference(x, U, V, None)
+    # Measured: <= 0.27x with the rounding, ~1.1x without it.
+    assert _rel_err(out, emulated.double()) <= 0.5 * _rel_err(emulated, exact)
+
+
+def test_zero_rows():
+    x, U, V, b = _make(0, 8, 6, 3, torch.float32)
+    out = torch.empty(0, 6, device=DEVICE)
+    lowrank.launch_lowrank_linear(x, U, V, b, out)  # must not launch nor fail
+    assert out.shape == (0, 6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_non_contiguous(dtype):
+    """Transposed views, sliced rows, strided bias and a transposed, sliced output."""
+    M, K, N, R = 13, 22, 17, 6
+    x0, U0, V0, b0 = _make(M, K, N, R, dtype)
+    x = x0.T.contiguous().T  # column-major view
+    big = torch.zeros(2 * M, K + 3, dtype=dtype, device=DEVICE)
+    big[::2, 1 : K + 1] = x0
+    x_rows = big[::2, 1 : K + 1]  # every other row, offset columns
+    U = U0.T.contiguous().T
+    V = V0.T.contiguous().T
+    b_buf = torch.zeros(2 * N, dtype=dtype, device=DEVICE)
+    b_buf[::2] = b0
+    b = b_buf[::2]
+    for xi in (x, x_rows):
+        assert not xi.is_contiguous()
+        out = torch.full((N + 4, M), float("nan"), dtype=dtype, device=DEVICE)[2 : N + 2].T
+        assert not out.is_contiguous()
+        _check(xi, U, V, b, out=out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_backward_style_transposed_factors(dtype):
+    """dx = lowrank(dy, V.T, U.T): the factors are transposed, non-contiguous views."""
+    M, K, N, R = 11, 26, 19, 5  # forward: x (M, K), V (R, K), U (N, R)
+    _, U, V, _ = _make(M, K, N, R, dtype, bias=False)
+    dy = torch.randn(M, N).to(dtype=dtype, device=DEVICE)
+    Ut, Vt = V.T, U.T  # (K, R) and (R, N)
+    assert not Ut.is_contiguous() and not Vt.is_contiguous()
+    _check(dy, Ut, Vt, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_forced_split_and_tiling(dtype):
+    """Several row tiles, several K steps, uneven column splits (3 + 3 + 1 tiles)."""
+    x, U, V, b = _make(40, 50, 100, 20, dtype)
+    config = dict(
+        BLOCK_M=16,
+        BLOCK_N=16,
+        BLOCK_K=16,
+        RANK_PAD=32,
+        RANK_CHUNKED=False,
+        SPLIT_N=3,
+        num_warps=4,
+        num_stages=2,
+    )
+    _check(x, U, V, b, config=config)
+
+
+def test_forced_chunked_split():
+    x, U, V, b = _make(17, 20, 40, 40, torch.float32)
+    config = dict(
+        BLOCK_M=16,
+        BLOCK_N=16,
+        BLOCK_K=16,
+        RANK_PAD=16,  # 3 rank chunks, the last one partial
+        RANK_CHUNKED=True,
+        SPLIT_N=2,
+        num_warps=4,
+        num_stages=2,
+    )
+    _check(x, U, V, b, config=config)
+
+
+@pytest.mark.parametrize("M", [1, 24])
+def test_gpu_heuristic_config(M):
+    """The config picked for a 132-SM GPU (SPLIT_N > 1 for small M) is correct."""
+    x, U, V, b = _make(M, 40, 200, 12, torch.float16)
+    config = lowrank.choose_config(M, 40, 200, 12, torch.float16, 132)
+    assert config["SPLIT_N"] > 1
+    _check(x, U, V, b, config=config)
+
+
+def test_int64_indexing(monkeypatch):
+    # Force the 64-bit address path (real triggers need > 2**31-element tensors).
+    monkeypatch.setattr(lowrank, "_INT32_LIMIT", 0)
+    _check(*_make(19, 21, 18, 9, torch.float32))
+
+
+def test_choose_config_invariants():
+    def pow2(v):
+        return v >= 16 and v & (v - 1) == 0
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for M in (1, 7, 64, 1000, 8192):
+            for K, N in ((1, 1), (64, 4096), (4096, 64), (11008, 4096)):
+                for R in (1, 16, 33, 128, 512, 513, 2048):
+                    for sms in (1, 108, 132):
+                        c = lowrank.choose_config(M, K, N, R, dtype, sms)
+                        for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "RANK_PAD"):
+                            assert pow2(c[key]), (key, c)
+                        assert c["BLOCK_M"] <= 128 and c["BLOCK_N"] <= 128
+                        assert c["RANK_PAD"] <= 512
+                        assert c["RANK_CHUNKED"] == (R > 512)
+                        if not c["RANK_CHUNKED"]:
+                            assert c["RANK_PAD"] >= R
+                        assert c["BLOCK_M"] * c["RANK_PAD"] <= 16384
+                        assert 1 <= c["SPLIT_N"] <= -(-N // c["BLOCK_N"])
+                        assert c["num_warps"] in (4, 8) and c["num_stages"] in (2, 3, 4)
+
+
+def test_input_validation():
+    x, U, V, b = _make(4, 8, 6, 3, torch.float32)
+    out = _poisoned_out(4, 6, torch.float32)
+    with pytest.raises(ValueError):
+        lowrank.launch_lowrank_linear(x, U, V[:, :5], b, out)
+    with pytest.raises(ValueError):
+        lowrank.launch_lowrank_linear(x, U, V, b, out[:, :5])
+    with pytest.raises(TypeError):
+        lowrank.launch_lowrank_linear(x, U.half(), V, b, out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 dot needs a GPU")
+@pytest.mark.parametrize("M", [1, 37, 300])
+def test_bfloat16_gpu(M):
+    x, U, V, b = _make(M, 96, 72, 24, torch.bfloat16)
+    _check(x, U, V, b)

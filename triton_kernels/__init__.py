@@ -1,0 +1,1 @@
+"""Triton kernels for lrkernels (fused low-rank linear: y = (x @ V.T) @ U.T + bias)."""
