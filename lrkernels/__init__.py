@@ -2,7 +2,11 @@
 
 Public API:
     lowrank_linear(x, U, V, bias=None, *, backend=None) -> y = (x·Vᵀ)·Uᵀ + bias
-    nn.LowRankLinear, nn.factorize_linears       modules and converters
+    int8_linear(x, qweight, scales, bias=None, *, group_size=None, backend=None)
+                                                 -> y = x·dequant(qweight, scales)ᵀ + bias
+    nn.LowRankLinear, nn.factorize_linears       low-rank modules and converters
+    nn.Int8Linear, nn.quantize_linears           int8 modules and converters
+    quant.quantize / quant.dequantize            int8 weight quantization
     available_backends(), not_supported_reasons(), set_default_backend()
 """
 
@@ -10,13 +14,14 @@ from ._source_layout import ensure_triton_kernels_package
 
 ensure_triton_kernels_package()
 
-from . import nn, reference, roofline  # noqa: E402
+from . import nn, quant, reference, roofline  # noqa: E402
 from .backends import (  # noqa: E402
     BACKENDS,
     available_backends,
     not_supported_reasons,
     set_default_backend,
 )
+from .ops.int8 import int8_linear  # noqa: E402
 from .ops.lowrank import lowrank_linear  # noqa: E402
 
 __version__ = "0.1.0"
@@ -24,9 +29,11 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "available_backends",
+    "int8_linear",
     "lowrank_linear",
     "nn",
     "not_supported_reasons",
+    "quant",
     "reference",
     "roofline",
     "set_default_backend",

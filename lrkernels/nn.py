@@ -30,8 +30,18 @@ from .factorize import (
     relative_output_error,
     select_rank,
 )
+from .int8_nn import Int8LayerReport, Int8Linear, QuantizeReport, quantize_linears
 
-__all__ = ["FactorizeReport", "LayerReport", "LowRankLinear", "factorize_linears"]
+__all__ = [
+    "FactorizeReport",
+    "Int8LayerReport",
+    "Int8Linear",
+    "LayerReport",
+    "LowRankLinear",
+    "QuantizeReport",
+    "factorize_linears",
+    "quantize_linears",
+]
 
 
 class LowRankLinear(nn.Module):

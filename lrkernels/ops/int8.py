@@ -1,0 +1,255 @@
+"""int8 weight-only dequantize-matmul (W8A16): ``y = x · Wᵀ + bias`` with
+``W[n, k] = qweight[n, k] · scales[n]`` (per output channel) or ``· scales[n, k // G]`` (per
+group of G ∈ {32, 64, 128} input features), dequantized on chip: the weight crosses memory as
+int8, half the bytes of bf16.
+
+Ops (one per compiled backend; the ``torch`` backend is `lrkernels.reference`):
+
+- ``lrkernels::int8_linear`` / ``lrkernels::int8_linear_grad_input`` — C++ schemas with CPU
+  and CUDA kernels, present when the extension is built;
+- ``lrkernels::int8_linear_triton`` / ``lrkernels::int8_linear_grad_input_triton`` —
+  `torch.library.triton_op`s around `lrkernels.triton_kernels.int8`.
+
+Autograd: ``dx = dy · W`` through the grad-input op of the same backend (the full-precision W is
+never materialised), ``dbias = Σ dy``. The weight is frozen: qweight and scales get no gradient.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .. import _ext, backends
+from ..reference import int8_linear_reference
+
+_OP = "int8_linear"
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+_GROUP_SIZES = (32, 64, 128)
+_POISON = os.environ.get("LRKERNELS_POISON_OUTPUT") == "1"
+
+
+def int8_linear(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    bias: Tensor | None = None,
+    *,
+    group_size: int | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """int8-weight linear layer ``y = x · dequantize(qweight, scales)ᵀ + bias``, equal to
+    ``F.linear(x, lrkernels.quant.dequantize(qweight, scales), bias)`` up to rounding.
+
+    Args:
+        x: ``(..., in_features)`` float16 / bfloat16 (float32 too; float64 on the cpu and torch
+            backends); any leading dims and strides.
+        qweight: int8 ``(out_features, in_features)``, symmetric (−127…127).
+        scales: x's dtype; ``(out_features,)`` per output channel, or
+            ``(out_features, in_features // group_size)`` per group.
+        bias: ``(out_features,)`` in x's dtype, or None.
+        group_size: optional check: None accepts the layout the scales' shape implies; 0 means
+            per channel; 32 / 64 / 128 must match the scales.
+        backend: ``"cuda"``, ``"triton"``, ``"cpu"``, ``"torch"`` or None (auto).
+
+    Returns:
+        ``(..., out_features)`` in x's dtype. Accumulation in float32.
+
+    Gradients flow to x (``dx = dy · W`` by the same backend, without materialising W) and to
+    bias; qweight and scales are frozen (no gradient).
+    """
+    check_int8_linear_args(x, qweight, scales, bias, group_size)
+    chosen = backends.select_backend(_OP, backend, x, qweight, scales, bias)
+    if chosen == "torch":
+        return int8_linear_reference(x, qweight, scales, bias)
+    if chosen == "triton":
+        return torch.ops.lrkernels.int8_linear_triton(x, qweight, scales, bias)
+    return torch.ops.lrkernels.int8_linear(x, qweight, scales, bias)
+
+
+def group_size_from_scales(qweight: Tensor, scales: Tensor) -> int:
+    """0 for per-channel scales ``(N,)``; G for ``(N, K // G)``; ValueError otherwise."""
+    n, k = qweight.shape
+    if scales.dim() == 1:
+        if scales.shape[0] != n:
+            raise ValueError(
+                f"int8_linear: per-channel scales must have shape ({n},), got {tuple(scales.shape)}"
+            )
+        return 0
+    if scales.dim() != 2 or scales.shape[0] != n or scales.shape[1] < 1:
+        raise ValueError(
+            f"int8_linear: scales must have shape ({n},) or ({n}, in_features / group_size), "
+            f"got {tuple(scales.shape)}"
+        )
+    groups = scales.shape[1]
+    if k % groups != 0:
+        raise ValueError(
+            f"int8_linear: in_features ({k}) is not divisible into {groups} groups "
+            f"(scales of shape {tuple(scales.shape)})"
+        )
+    group = k // groups
+    if group not in _GROUP_SIZES:
+        raise ValueError(
+            f"int8_linear: group size must be 32, 64 or 128, got {group} "
+            f"(in_features {k}, {groups} groups)"
+        )
+    return group
+
+
+def check_int8_linear_args(
+    x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None, group_size: int | None = None
+) -> int:
+    """Raises TypeError/ValueError naming the bad argument (the C++ ops run the same checks);
+    returns the group size (0 per channel)."""
+    for name, t in (("x", x), ("qweight", qweight), ("scales", scales)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"int8_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(
+            f"int8_linear: bias must be a torch.Tensor or None, got {type(bias).__name__}"
+        )
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"int8_linear: x must be float64, float32, float16 or bfloat16, got {x.dtype}"
+        )
+    if qweight.dtype != torch.int8:
+        raise TypeError(f"int8_linear: qweight must be int8, got {qweight.dtype}")
+    for name, t in [("scales", scales)] + ([("bias", bias)] if bias is not None else []):
+        if t.dtype != x.dtype:
+            raise TypeError(f"int8_linear: {name} must have x's dtype ({x.dtype}), got {t.dtype}")
+    for name, t in [("qweight", qweight), ("scales", scales)] + (
+        [("bias", bias)] if bias is not None else []
+    ):
+        if t.device != x.device:
+            raise ValueError(
+                f"int8_linear: {name} must be on x's device ({x.device}), got {t.device}"
+            )
+    if x.dim() < 1:
+        raise ValueError("int8_linear: x must have shape (..., in_features), got a 0-d tensor")
+    if qweight.dim() != 2:
+        raise ValueError(
+            "int8_linear: qweight must be 2-D (out_features, in_features), got shape "
+            f"{tuple(qweight.shape)}"
+        )
+    n, k = qweight.shape
+    if n < 1 or k < 1:
+        raise ValueError(
+            "int8_linear: qweight must have out_features >= 1 and in_features >= 1, got shape "
+            f"{tuple(qweight.shape)}"
+        )
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"int8_linear: x's last dimension must be {k} to match qweight of shape "
+            f"{tuple(qweight.shape)}, got {tuple(x.shape)}"
+        )
+    group = group_size_from_scales(qweight, scales)
+    if group_size is not None and group_size != group:
+        raise ValueError(
+            f"int8_linear: group_size={group_size} does not match scales of shape "
+            f"{tuple(scales.shape)} (which imply {'per-channel' if group == 0 else group})"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != n):
+        raise ValueError(f"int8_linear: bias must have shape ({n},), got {tuple(bias.shape)}")
+    return group
+
+
+def _reasons(backend: str, x, qweight, scales, bias, *, explicit: bool) -> list[str]:
+    return backends.device_and_dtype_reasons(backend, x, explicit=explicit)
+
+
+backends.register_reasons(_OP, _reasons)
+
+
+# ----------------------------------------------------------------------------- torch ops
+
+
+def _fake_forward(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def _fake_grad_input(dy: Tensor, qweight: Tensor, scales: Tensor):
+    return dy.new_empty((*dy.shape[:-1], qweight.shape[1]))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, qweight, scales = inputs[:3]
+    ctx.save_for_backward(qweight, scales)
+    ctx.has_bias = len(inputs) > 3 and inputs[3] is not None
+
+
+def _make_backward(grad_input_op):
+    def backward(ctx, dy: Tensor):
+        qweight, scales = ctx.saved_tensors
+        n_inputs = len(ctx.needs_input_grad)  # 3 when the call left bias at its default
+        need_x, _, _, need_b = (*ctx.needs_input_grad, False)[:4]
+        dx = grad_input_op(dy, qweight, scales) if need_x else None
+        db = dy.reshape(-1, dy.shape[-1]).sum(0) if need_b and ctx.has_bias else None
+        return (dx, None, None, db)[:n_inputs]
+
+    return backward
+
+
+def _register_grad_input_autograd(name: str, forward_op) -> None:
+    """grad_input is linear in dy: its own derivative is the forward op (double backward)."""
+
+    def setup(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1], inputs[2])
+
+    def backward(ctx, ddx):
+        qweight, scales = ctx.saved_tensors
+        return forward_op(ddx, qweight, scales, None), None, None
+
+    torch.library.register_autograd(name, backward, setup_context=setup)
+
+
+if _ext.has_op(_OP):
+    torch.library.register_fake("lrkernels::int8_linear")(_fake_forward)
+    torch.library.register_fake("lrkernels::int8_linear_grad_input")(_fake_grad_input)
+    torch.library.register_autograd(
+        "lrkernels::int8_linear",
+        _make_backward(lambda *a: torch.ops.lrkernels.int8_linear_grad_input(*a)),
+        setup_context=_setup_context,
+    )
+    _register_grad_input_autograd(
+        "lrkernels::int8_linear_grad_input", lambda *a: torch.ops.lrkernels.int8_linear(*a)
+    )
+
+if backends._triton_status() is None:  # registered even without a GPU: the interpreter runs it
+    from ..triton_kernels.int8 import launch_int8_linear, launch_int8_linear_grad_input
+
+    @torch.library.triton_op("lrkernels::int8_linear_triton", mutates_args=())
+    def _int8_linear_triton(
+        x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        n, k = qweight.shape
+        out = torch.empty((*x.shape[:-1], n), device=x.device, dtype=x.dtype)
+        if _POISON:
+            out.fill_(float("nan"))
+        if out.numel() > 0:
+            group = 0 if scales.dim() == 1 else k // scales.shape[1]
+            launch_int8_linear(x.reshape(-1, k), qweight, scales, bias, out.view(-1, n), group)
+        return out
+
+    @torch.library.triton_op("lrkernels::int8_linear_grad_input_triton", mutates_args=())
+    def _int8_linear_grad_input_triton(dy: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
+        n, k = qweight.shape
+        out = torch.empty((*dy.shape[:-1], k), device=dy.device, dtype=dy.dtype)
+        if _POISON:
+            out.fill_(float("nan"))
+        if out.numel() > 0:
+            group = 0 if scales.dim() == 1 else k // scales.shape[1]
+            launch_int8_linear_grad_input(
+                dy.reshape(-1, n), qweight, scales, out.view(-1, k), group
+            )
+        return out
+
+    torch.library.register_autograd(
+        "lrkernels::int8_linear_triton",
+        _make_backward(lambda *a: torch.ops.lrkernels.int8_linear_grad_input_triton(*a)),
+        setup_context=_setup_context,
+    )
+    _register_grad_input_autograd(
+        "lrkernels::int8_linear_grad_input_triton",
+        lambda *a: torch.ops.lrkernels.int8_linear_triton(*a),
+    )
