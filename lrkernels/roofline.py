@@ -18,6 +18,7 @@ __all__ = [
     "DevicePeaks",
     "dense_linear_cost",
     "device_name",
+    "int8_linear_cost",
     "lowrank_linear_cost",
     "measure_peaks",
     "roofline_fraction",
@@ -52,6 +53,38 @@ def dense_linear_cost(
         flops += M * out_f
         elems += out_f
     return flops, elems * dtype_bytes
+
+
+def int8_linear_cost(
+    M: int,
+    in_f: int,
+    out_f: int,
+    dtype_bytes: int,
+    group_size: int = 0,
+    bias: bool = True,
+    *,
+    scale_bytes: int | None = None,
+) -> tuple[int, int]:
+    """(flops, minimum bytes) of the int8 weight-only linear y = x·Wᵀ + b, W = dequant(q, s),
+    with x (M, in) and y (M, out) in the activation dtype (`dtype_bytes` each), q int8
+    (out, in) and scales (out,) per channel (``group_size`` 0) or (out, in / group_size).
+
+    FLOPs: two per multiply-add of the product plus one per output element for the bias, the
+    same count as `dense_linear_cost`, so TFLOP/s compare directly with the dense layer; the
+    dequantization multiplies are not counted. Bytes: the floor of any implementation, every
+    operand read once and y written once: 1 byte per weight, the scales (``scale_bytes`` each,
+    by default the activation's size, as `lrkernels.quant` stores them), x, y and the bias.
+    """
+    if group_size < 0 or (group_size and in_f % group_size):
+        raise ValueError(f"group_size must be 0 or divide in_f ({in_f}), got {group_size}")
+    n_scales = out_f * (in_f // group_size if group_size else 1)
+    flops = 2 * M * in_f * out_f
+    act_elems = M * in_f + M * out_f
+    if bias:
+        flops += M * out_f
+        act_elems += out_f
+    s_bytes = dtype_bytes if scale_bytes is None else scale_bytes
+    return flops, out_f * in_f + n_scales * s_bytes + act_elems * dtype_bytes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,569 @@
+"""Benchmark of lrkernels.int8_linear (int8 weight-only, W8A16) against torch, side by side.
+
+    python bench/int8.py                    # full sweep (GPU if one is visible, else a CPU sweep)
+    python bench/int8.py --quick            # a handful of rows
+    python bench/int8.py --dtype bf16 --M 1 16 --shapes 4096x4096 28672x8192 --group 0 128 \\
+        --providers lrkernels-cuda,torch-bf16-linear
+
+Shapes are OUTxIN: out_features x in_features of the weight (N x K), from real models
+(4096x4096 attention projections, 11008x4096 / 4096x11008 MLP up / down, 8192x8192 and
+28672x8192 of a 70B model). --group 0 is one scale per output channel, 32 / 64 / 128 one per
+group of that many input features. The weights come from lrkernels.quant.quantize of a random
+weight (scales in the activation dtype); x ~ N(0, 1), so y is O(1).
+
+Providers: lrkernels-cuda, lrkernels-triton, lrkernels-cpu (the library's backends);
+torch-bf16-linear (F.linear with the dequantized weight materialised in the activation dtype,
+bf16 or fp16, fp32 on CPU: the layer before quantization, and the speedup baseline);
+torch-int8pack-mm (torch._weight_int8pack_mm plus the bias: per-channel scales only, skipped
+with torch's reason where it refuses the case); torch-dequant-matmul (dequantize to the
+activation dtype, then F.linear, every call: what a user writes without the kernel). A torch
+comparison provider whose time at one M, scaled in proportion to the next M of the same weight,
+exceeds --slow-ms (GPU default 50 ms) is not run there: torch's naive int8 kernels must not eat
+the time budget at large M.
+
+Every provider is first checked against a float64 reference (lrkernels.reference.
+int8_linear_exact); a wrong one is reported FAILED, never timed, and makes the exit status 1.
+Rows go to <out>/int8-<device>.csv, the headline shape's speedup-vs-M chart to
+<out>/int8-<device>.svg. Bytes per row: int8 weight + scales + x + y + bias (the floor of any
+implementation; the dense baseline is charged its full-precision weight instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn.functional as F
+
+import lrkernels
+from bench import harness
+from bench.harness import Provider, ProviderSkip, Row
+from bench.plot import write_svg
+from lrkernels import _ext, backends
+from lrkernels.reference import dequantize_reference, int8_linear_exact
+from lrkernels.roofline import DevicePeaks, dense_linear_cost, int8_linear_cost, measure_peaks
+
+try:
+    from lrkernels.quant import quantize
+except ImportError:  # pragma: no cover - the quantizer ships with the library
+    quantize = None
+
+OP = "int8_linear"
+BASELINE = "torch-bf16-linear"
+ALL_PROVIDERS = [
+    "lrkernels-cuda",
+    "lrkernels-triton",
+    "lrkernels-cpu",
+    "torch-bf16-linear",
+    "torch-int8pack-mm",
+    "torch-dequant-matmul",
+]
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+}
+GROUPS = (0, 32, 64, 128)
+GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192)]
+# (shapes as (out, in), Ms, dtypes, groups) per device and mode
+SWEEPS = {
+    ("cuda", False): (
+        GPU_SHAPES,
+        [1, 2, 4, 8, 16, 32, 64, 128, 1024, 4096],
+        ["bf16", "fp16"],
+        [0, 128],
+    ),
+    ("cuda", True): ([(4096, 4096)], [1, 16, 64, 4096], ["bf16"], [0, 128]),
+    ("cpu", False): ([(1024, 1024), (4096, 1024)], [1, 16, 128], ["fp32"], [0, 128]),
+    ("cpu", True): ([(512, 256)], [1, 16, 128], ["fp32"], [0, 128]),
+}
+# (out, in), dtype, group of the headline chart
+HEADLINE = {"cuda": ((4096, 4096), "bfloat16", 0), "cpu": ((1024, 1024), "float32", 0)}
+SLOW_MS_GPU = 50.0
+REPO = Path(__file__).resolve().parents[1]
+
+
+def layout_name(group: int) -> str:
+    return "per-channel" if group == 0 else f"group {group}"
+
+
+# ------------------------------------------------------------------------------ providers
+
+
+def _backend_provider(name: str, backend: str) -> Provider:
+    def build(inp: dict):
+        x, q, s, b = inp["x"], inp["qweight"], inp["scales"], inp["bias"]
+        reasons = backends.not_supported_reasons(OP, backend, x, q, s, b)
+        if reasons:
+            raise ProviderSkip("; ".join(reasons))
+        if backend in ("cuda", "cpu"):
+            key = "CUDA" if backend == "cuda" else "CPU"
+            if not _ext.has_kernel_for(OP, key):
+                raise ProviderSkip(f"the extension was built without the {OP} {key} kernel")
+        return lambda: lrkernels.int8_linear(x, q, s, b, backend=backend)
+
+    return Provider(name, build)
+
+
+def _dense_linear(inp: dict):
+    x, w, b = inp["x"], inp["weight"], inp["bias"]
+    return lambda: F.linear(x, w, b)
+
+
+def _dense_cost(inp: dict) -> tuple[int, int]:
+    s = inp["shape"]
+    return dense_linear_cost(s["M"], s["in"], s["out"], inp["x"].element_size(), s["bias"])
+
+
+def _dequant_matmul(inp: dict):
+    """Dequantize in the activation dtype on every call, then F.linear: plain user code. (q is
+    exact in bf16/fp16 and the one product is rounded once, so the weight equals the reference
+    dequantization bit for bit.)"""
+    x, q, s, b = inp["x"], inp["qweight"], inp["scales"], inp["bias"]
+    n, k = q.shape
+    if s.dim() == 1:
+        return lambda: F.linear(x, q.to(x.dtype) * s.unsqueeze(1), b)
+    g = k // s.shape[1]
+    return lambda: F.linear(x, (q.view(n, k // g, g).to(x.dtype) * s.unsqueeze(2)).view(n, k), b)
+
+
+def _int8pack_provider(failures: dict[tuple, str]) -> Provider:
+    """torch._weight_int8pack_mm, tried once per (device, shape, dtype): a refusal (missing op,
+    unsupported dtype or shape) is remembered and reported as the skip reason."""
+
+    def build(inp: dict):
+        x, q, s, b = inp["x"], inp["qweight"], inp["scales"], inp["bias"]
+        if not hasattr(torch, "_weight_int8pack_mm"):
+            raise ProviderSkip(f"torch {torch.__version__} has no torch._weight_int8pack_mm")
+        if s.dim() != 1:
+            raise ProviderSkip("torch._weight_int8pack_mm takes per-channel scales only")
+        key = (x.device.type, *q.shape, x.dtype)
+        if key in failures:
+            raise ProviderSkip(failures[key])
+        op = torch._weight_int8pack_mm
+
+        def fn():
+            y = op(x, q, s)
+            return y if b is None else y + b
+
+        try:
+            fn()
+        except Exception as e:  # torch refuses this case: a limitation of torch, not a bug here
+            msg = " ".join(str(e).split())[:160]
+            failures[key] = f"torch._weight_int8pack_mm failed: {type(e).__name__}: {msg}"
+            raise ProviderSkip(failures[key]) from e
+        return fn
+
+    return Provider("torch-int8pack-mm", build)
+
+
+def make_providers(names: list[str]) -> list[Provider]:
+    table = {
+        "lrkernels-cuda": _backend_provider("lrkernels-cuda", "cuda"),
+        "lrkernels-triton": _backend_provider("lrkernels-triton", "triton"),
+        "lrkernels-cpu": _backend_provider("lrkernels-cpu", "cpu"),
+        "torch-bf16-linear": Provider("torch-bf16-linear", _dense_linear, cost=_dense_cost),
+        "torch-int8pack-mm": _int8pack_provider({}),
+        "torch-dequant-matmul": Provider("torch-dequant-matmul", _dequant_matmul),
+    }
+    return [table[n] for n in names]
+
+
+def _guard_slow(prov: Provider, last: dict[tuple, tuple[int, float]], slow_ms: float) -> Provider:
+    """The provider, skipped where its last time on this weight (`last`: (provider, weight) ->
+    (M, ms)), scaled in proportion to this M, exceeds slow_ms (0 = never)."""
+
+    def build(inp: dict):
+        seen = last.get((prov.name, inp["wkey"]))
+        if slow_ms and seen is not None:
+            m0, ms0 = seen
+            m = inp["shape"]["M"]
+            guess = ms0 * max(1.0, m / m0)
+            if guess > slow_ms:
+                raise ProviderSkip(
+                    f"{ms0:.3g} ms at M={m0} suggests ~{guess:.3g} ms at M={m}, over --slow-ms "
+                    f"{slow_ms:g}: not run"
+                )
+        return prov.build(inp)
+
+    return Provider(prov.name, build, prov.cost)
+
+
+# ------------------------------------------------------------------------------ cases
+
+
+def make_weights(out_f: int, in_f: int, group: int, dtype, device, bias: bool, seed: int) -> dict:
+    """Seeded int8 weight, scales in `dtype`, the dequantized weight in `dtype` (the dense
+    baseline's operand) and the bias. W ~ N(0, 1/in) is quantized by lrkernels.quant.quantize
+    when the library has it; otherwise q is drawn uniformly from -127..127 with positive scales
+    of the same magnitude."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    if quantize is not None:
+        w = torch.randn(out_f, in_f, device=device, generator=g) * in_f**-0.5
+        q, s = quantize(w, group or None, scale_dtype=dtype)
+        del w
+    else:
+        q = torch.randint(-127, 128, (out_f, in_f), device=device, generator=g, dtype=torch.int8)
+        s_shape = (out_f, in_f // group) if group else (out_f,)
+        s = ((torch.rand(s_shape, device=device, generator=g) + 0.5) / (127 * in_f**0.5)).to(dtype)
+    b = (torch.randn(out_f, device=device, generator=g) * 0.1).to(dtype) if bias else None
+    return {
+        "qweight": q,
+        "scales": s,
+        "bias": b,
+        "weight": dequantize_reference(q, s, dtype),
+        "wkey": (out_f, in_f, str(dtype), group),
+    }
+
+
+def make_inputs(weights: dict, M: int, dtype, device, seed: int) -> dict:
+    q = weights["qweight"]
+    out_f, in_f = q.shape
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(M, in_f, device=device, generator=g).to(dtype)
+    group = weights["wkey"][3]
+    shape = {"M": M, "out": out_f, "in": in_f, "group": group, "bias": weights["bias"] is not None}
+    return {**weights, "x": x, "shape": shape}
+
+
+def _flat(values) -> list[str]:
+    return [v for item in values for v in str(item).split(",") if v]
+
+
+def _parse_shape(text: str) -> tuple[int, int]:
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        out_f, in_f = (int(p) for p in parts)
+    except ValueError:
+        raise SystemExit(f"--shapes: expected OUTxIN such as 4096x11008, got {text!r}") from None
+    if out_f < 1 or in_f < 1:
+        raise SystemExit(f"--shapes: sizes must be positive, got {text!r}")
+    return out_f, in_f
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a handful of rows")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
+    p.add_argument("--dtype", nargs="+", help="bf16, fp16, fp32 (space or comma separated)")
+    p.add_argument("--M", nargs="+", help="rows of x")
+    p.add_argument("--shapes", nargs="+", help="weights as OUTxIN, e.g. 4096x4096 11008x4096")
+    p.add_argument("--group", nargs="+", help="0 (per channel), 32, 64, 128")
+    p.add_argument("--providers", nargs="+", help=f"subset of {','.join(ALL_PROVIDERS)}")
+    p.add_argument("--no-bias", action="store_true", help="benchmark without bias")
+    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="output folder")
+    p.add_argument("--no-plot", action="store_true", help="skip the SVG")
+    p.add_argument("--warm-l2", action="store_true", help="GPU: do not flush L2 between runs")
+    p.add_argument("--rep-ms", type=float, help="time budget per measurement (ms)")
+    p.add_argument("--max-seconds", type=float, help="start no new case after this many seconds")
+    p.add_argument(
+        "--slow-ms",
+        type=float,
+        help="skip a torch comparison provider where its time at the previous M, scaled to "
+        f"this M, exceeds this (default {SLOW_MS_GPU:g} on GPU, off on CPU; 0 = off)",
+    )
+    p.add_argument("--threads", type=int, help="CPU: torch.set_num_threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def build_cases(args, device_type: str) -> list[tuple[int, int, torch.dtype, int, int]]:
+    """(out, in, dtype, group, M) in run order: the headline weight first, then by dtype, layout
+    and shape as listed, M ascending within a weight (one weight is built per run of cases)."""
+    shapes, Ms, dts, groups = SWEEPS[(device_type, args.quick)]
+    shapes = [_parse_shape(v) for v in _flat(args.shapes)] if args.shapes else shapes
+    Ms = [int(v) for v in _flat(args.M)] if args.M else Ms
+    groups = [int(v) for v in _flat(args.group)] if args.group else groups
+    names = _flat(args.dtype) if args.dtype else dts
+    unknown = [n for n in names if n not in DTYPES]
+    if unknown:
+        raise SystemExit(f"unknown dtype(s) {unknown}; choose from {sorted(DTYPES)}")
+    bad = [g for g in groups if g not in GROUPS]
+    if bad:
+        raise SystemExit(f"unknown group size(s) {bad}; choose from {list(GROUPS)}")
+    if any(m < 1 for m in Ms):
+        raise SystemExit(f"--M: rows must be positive, got {Ms}")
+    dtypes = list(dict.fromkeys(DTYPES[n] for n in names))
+    shapes, groups = list(dict.fromkeys(shapes)), list(dict.fromkeys(groups))
+    Ms = sorted(set(Ms))
+    (h_out, h_in), h_dt, h_g = HEADLINE[device_type]
+    cases = []
+    for dt in dtypes:
+        for g in groups:
+            for out_f, in_f in shapes:
+                if g and in_f % g:
+                    print(f"note: {out_f}x{in_f} skipped for group {g}: {in_f} % {g} != 0")
+                    continue
+                cases += [(out_f, in_f, dt, g, m) for m in Ms]
+
+    def is_headline(c) -> bool:
+        return (c[0], c[1], str(c[2]).replace("torch.", ""), c[3]) == (h_out, h_in, h_dt, h_g)
+
+    # the headline weight first, so that a run cut short still has it (stable sort)
+    cases.sort(key=lambda c: not is_headline(c))
+    return cases
+
+
+# ------------------------------------------------------------------------------ reports
+
+
+def _weight_key(r: Row) -> tuple:
+    return (r.shape["out"], r.shape["in"], r.dtype, r.shape["group"])
+
+
+def _where(r: Row) -> str:
+    return f"{r.shape['out']}x{r.shape['in']} M={r.shape['M']} {r.dtype}"
+
+
+def _headline_rows(rows: list[Row], device_type: str) -> tuple[str, list[Row]]:
+    ok = [r for r in rows if r.ok]
+    (h_out, h_in), h_dt, h_g = HEADLINE[device_type]
+    key = (h_out, h_in, h_dt, h_g)
+    if not any(_weight_key(r) == key for r in ok) and ok:
+        key = _weight_key(ok[0])
+    sel = [r for r in rows if _weight_key(r) == key]
+    return f"{key[0]}x{key[1]} (out x in), {layout_name(key[3])}, {key[2]}", sel
+
+
+def write_plot(path: Path, rows: list[Row], device_type: str, device_label: str) -> Path:
+    label, sel = _headline_rows(rows, device_type)
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in sel:
+        if r.ok and not math.isnan(r.speedup):
+            series.setdefault(r.provider, []).append((r.shape["M"], r.speedup))
+    return write_svg(
+        path,
+        series,
+        title=f"int8_linear, {label} — {device_label}",
+        xlabel="M (rows of x)",
+        ylabel=f"speedup over {BASELINE} (x)",
+        logy=False,
+    )
+
+
+def _is_large(r: Row) -> bool:  # 4096x4096 and larger
+    return min(r.shape["out"], r.shape["in"]) >= 4096
+
+
+def _is_huge(r: Row) -> bool:  # 8192x8192 and larger
+    return min(r.shape["out"], r.shape["in"]) >= 8192
+
+
+SPEEDUP_TARGETS = [  # (description, row filter, goal)
+    ("M<=16", lambda r: r.shape["M"] <= 16, 1.7),
+    ("M=64", lambda r: r.shape["M"] == 64, 1.3),
+    ("M=4096", lambda r: r.shape["M"] == 4096, 0.9),
+]
+BANDWIDTH_GOAL = 0.85
+
+
+def targets_summary(rows: list[Row], peaks_by_dtype: dict[str, DevicePeaks]) -> list[str]:
+    """The GPU goals, per lrkernels provider and scale layout: PASS/MISS with the measured
+    number, the worst matching row named (goals, not asserts)."""
+    gpu = [r for r in rows if r.ok and r.device == "cuda"]
+    lines = [
+        f"int8 targets on 4096x4096 and larger (goals, not asserts; the worst row is shown): "
+        f"speedup over {BASELINE} >= 1.7x at M<=16, >= 1.3x at M=64, >= 0.9x at M=4096; "
+        f"at M=1 on 8192x8192 and larger >= {100 * BANDWIDTH_GOAL:.0f}% of the copy bandwidth"
+    ]
+    provs = [p for p in dict.fromkeys(r.provider for r in gpu) if p.startswith("lrkernels-")]
+    if not provs:
+        return lines + ["  no lrkernels provider was timed on a GPU"]
+
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "MISS"
+
+    for p in provs:
+        for group in sorted({r.shape["group"] for r in gpu if r.provider == p}):
+            mine = [r for r in gpu if r.provider == p and r.shape["group"] == group]
+            mine = [r for r in mine if _is_large(r)]
+            tag = f"{p} int8 {layout_name(group)}"
+            for what, keep, goal in SPEEDUP_TARGETS:
+                sel = [r for r in mine if keep(r) and not math.isnan(r.speedup)]
+                if not sel:
+                    lines.append(f"  {tag}: speedup at {what}: not measured")
+                    continue
+                w = min(sel, key=lambda r: r.speedup)
+                lines.append(
+                    f"  {tag}: speedup at {what}: {w.speedup:.2f}x (min, at {_where(w)}) "
+                    f"(goal >= {goal:g}x) {verdict(w.speedup >= goal)}"
+                )
+            sel = [r for r in mine if r.shape["M"] == 1 and _is_huge(r)]
+            sel = [r for r in sel if r.dtype in peaks_by_dtype]
+            if not sel:
+                lines.append(f"  {tag}: M=1 bandwidth on 8192x8192 and larger: not measured")
+                continue
+
+            def frac(r: Row) -> float:
+                return r.gbps * 1e9 / peaks_by_dtype[r.dtype].bandwidth_bytes_per_s
+
+            w = min(sel, key=frac)
+            peak = peaks_by_dtype[w.dtype].bandwidth_bytes_per_s / 1e9
+            lines.append(
+                f"  {tag}: M=1 bandwidth: {w.gbps:.0f} GB/s = {100 * frac(w):.1f}% of the "
+                f"{peak:.0f} GB/s copy (min, at {_where(w)}) "
+                f"(goal >= {100 * BANDWIDTH_GOAL:.0f}%) {verdict(frac(w) >= BANDWIDTH_GOAL)}"
+            )
+    return lines
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None, extra_providers: list[Provider] | None = None) -> int:
+    """Run the benchmark; returns the exit status (1 iff a correctness check failed).
+    `extra_providers` adds providers (tests inject a deliberately wrong one)."""
+    args = parse_args(argv)
+    t_start = time.monotonic()
+    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
+    device = (
+        torch.device(device_type, torch.cuda.current_device())
+        if device_type == "cuda"
+        else torch.device("cpu")
+    )
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    names = _flat(args.providers) if args.providers else list(ALL_PROVIDERS)
+    left_out: list[str] = []
+    if not args.providers:  # by default only the library backends made for this device
+        other = {"cpu": ("lrkernels-cuda", "lrkernels-triton"), "cuda": ("lrkernels-cpu",)}
+        left_out = [n for n in names if n in other[device_type]]
+        names = [n for n in names if n not in left_out]
+    bad = [n for n in names if n not in ALL_PROVIDERS]
+    if bad:
+        raise SystemExit(f"unknown provider(s) {bad}; choose from {ALL_PROVIDERS}")
+    if BASELINE not in names:
+        names.append(BASELINE)  # speedups need it
+    slow_ms = args.slow_ms
+    if slow_ms is None:
+        slow_ms = SLOW_MS_GPU if device_type == "cuda" else 0.0
+    last_ms: dict[tuple, tuple[int, float]] = {}  # (provider, weight) -> (M, ms) last timed
+    providers = [
+        _guard_slow(p, last_ms, slow_ms)
+        if p.name.startswith("torch-") and p.name != BASELINE
+        else p
+        for p in make_providers(names)
+    ] + list(extra_providers or [])
+
+    cases = build_cases(args, device_type)
+    out_dir = Path(args.out)
+    slug = harness.device_slug(device)
+    csv_path = out_dir / f"int8-{slug}.csv"
+    svg_path = out_dir / f"int8-{slug}.svg"
+    meta = harness.collect_metadata(device)
+    timer_kw: dict = {}
+    if device_type == "cuda":
+        timer_kw["flush_l2"] = not args.warm_l2
+        if args.rep_ms:
+            timer_kw["rep_ms"] = args.rep_ms
+    elif args.rep_ms:
+        timer_kw["rep_s"] = args.rep_ms / 1e3
+
+    label = f"{meta['device_name']} ({device_type})"
+    print(
+        f"int8_linear benchmark on {label}; torch {meta['torch_version']}, "
+        f"triton {meta['triton_version']}, CUDA {meta['cuda_version']}, "
+        f"git {meta['git_commit']}{' (dirty)' if meta['git_dirty'] == 'True' else ''}"
+    )
+    if device_type == "cpu":
+        print(
+            "NOTE: CPU run (no CUDA device or --device cpu): small shapes, CPU times; "
+            "these are not the GPU numbers. The CPU roofline uses DRAM copy bandwidth, so "
+            "cache-resident shapes can exceed 100%."
+        )
+    if quantize is None:
+        print("NOTE: lrkernels.quant is missing: random int8 weights and scales are used")
+    avail = lrkernels.available_backends()
+    for n in left_out:
+        why = avail[n.split("-", 1)[1]] or f"not a {device_type} backend"
+        print(f"provider {n} not run on {device_type}: {why}")
+    print(f"{len(cases)} cases x {len(providers)} providers; baseline {BASELINE}", flush=True)
+
+    rows: list[Row] = []
+    peaks_by_dtype: dict[str, DevicePeaks] = {}
+    weights: dict | None = None
+    truncated = 0
+    for i, (out_f, in_f, dtype, group, M) in enumerate(cases):
+        if args.max_seconds and time.monotonic() - t_start > args.max_seconds:
+            truncated = len(cases) - i
+            break
+        dname = str(dtype).replace("torch.", "")
+        if dname not in peaks_by_dtype:
+            weights = None  # free the last weight before the peak measurement's buffers
+            peaks_by_dtype[dname] = measure_peaks(device, dtype)
+            pk = peaks_by_dtype[dname]
+            print(
+                f"measured peaks ({dname}): {pk.bandwidth_bytes_per_s / 1e9:.0f} GB/s, "
+                f"{pk.flops_per_s / 1e12:.2f} TFLOP/s [{pk.how}]",
+                flush=True,
+            )
+        wkey = (out_f, in_f, str(dtype), group)
+        if weights is None or weights["wkey"] != wkey:
+            weights = None
+            weights = make_weights(
+                out_f, in_f, group, dtype, device, not args.no_bias, args.seed + 1000 * i
+            )
+        inp = make_inputs(weights, M, dtype, device, args.seed + i)
+        ref = int8_linear_exact(inp["x"], inp["qweight"], inp["scales"], inp["bias"])
+        cost = int8_linear_cost(M, in_f, out_f, inp["x"].element_size(), group, not args.no_bias)
+        case_rows = harness.run_case(
+            op=OP,
+            shape=inp["shape"],
+            dtype=dtype,
+            device=device,
+            inputs=inp,
+            reference=ref,
+            cost=cost,
+            providers=providers,
+            peaks=peaks_by_dtype[dname],
+            baseline=BASELINE,
+            timer_kw=timer_kw,
+        )
+        rows += case_rows
+        del inp, ref
+        for r in case_rows:
+            if r.ok:
+                last_ms[(r.provider, wkey)] = (M, r.ms_median)
+        where = f"{out_f}x{in_f} (out x in) {layout_name(group)} M={M} {dname}"
+        print(f"\n[{i + 1}/{len(cases)}] {where}")
+        harness.print_table(case_rows)
+        # after every case: a run cut short still leaves its rows
+        harness.write_csv(csv_path, rows, meta, peaks_by_dtype)
+    weights = None
+
+    print("\n=== all rows ===")
+    harness.print_table(rows)
+    if truncated:
+        print(f"\nWARNING: --max-seconds {args.max_seconds:g} reached; {truncated} case(s) not run")
+    if device_type == "cuda":
+        print()
+        print("\n".join(targets_summary(rows, peaks_by_dtype)))
+    print(f"\nCSV: {csv_path}")
+    if not args.no_plot and rows:
+        print(f"SVG: {write_plot(svg_path, rows, device_type, label)}")
+    failed = [r for r in rows if r.failed]
+    if failed:
+        print(f"\n{len(failed)} correctness check(s) FAILED:", file=sys.stderr)
+        for r in failed:
+            print(f"  {r.provider} {r.shape} {r.dtype}: {r.status}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
