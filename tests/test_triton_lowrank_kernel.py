@@ -240,21 +240,29 @@ def test_choose_config_invariants():
         return v >= 16 and v & (v - 1) == 0
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        esize = 4 if dtype == torch.float32 else 2
         for M in (1, 7, 64, 1000, 8192):
             for K, N in ((1, 1), (64, 4096), (4096, 64), (11008, 4096)):
                 for R in (1, 16, 33, 128, 512, 513, 2048):
-                    for sms in (1, 108, 132):
-                        c = lowrank.choose_config(M, K, N, R, dtype, sms)
+                    for sms, smem in ((1, None), (108, 150_000), (132, 209_000), (128, 89_000)):
+                        c = lowrank.choose_config(M, K, N, R, dtype, sms, smem)
                         for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "RANK_PAD"):
                             assert pow2(c[key]), (key, c)
                         assert c["BLOCK_M"] <= 128 and c["BLOCK_N"] <= 128
                         assert c["RANK_PAD"] <= 512
                         assert c["RANK_CHUNKED"] == (R > 512)
-                        if not c["RANK_CHUNKED"]:
+                        if c["RANK_CHUNKED"]:
+                            assert c["RANK_PAD"] <= 256
+                        else:
                             assert c["RANK_PAD"] >= R
                         assert c["BLOCK_M"] * c["RANK_PAD"] <= 16384
+                        assert c["BLOCK_M"] * c["BLOCK_N"] <= 16384
                         assert 1 <= c["SPLIT_N"] <= -(-N // c["BLOCK_N"])
                         assert c["num_warps"] in (4, 8) and c["num_stages"] in (2, 3, 4)
+                        tiles = (c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["RANK_PAD"])
+                        need = lowrank._smem_estimate(*tiles, esize, c["num_stages"])
+                        smallest = c["num_stages"] == 2 and max(tiles[:3]) == 16
+                        assert need <= (smem or 96 * 1024) or smallest, c
 
 
 def test_input_validation():
