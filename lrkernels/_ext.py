@@ -28,3 +28,17 @@ def has_kernel_for(name: str, dispatch_key: str) -> bool:
     return has_op(name) and torch._C._dispatch_has_kernel_for_dispatch_key(
         f"lrkernels::{name}", dispatch_key
     )
+
+
+# Every C++ op of the library; which dispatch keys have kernels, read once at import so that
+# backend selection is plain dictionary lookups (torch.compile traces through it).
+CPP_OPS = (
+    "lowrank_linear",
+    "int8_linear",
+    "int8_linear_grad_input",
+    "block_sparse_attention_fwd",
+    "block_sparse_attention_bwd",
+)
+KERNELS: dict[tuple[str, str], bool] = {
+    (name, key): has_kernel_for(name, key) for name in CPP_OPS for key in ("CPU", "CUDA")
+}

@@ -79,6 +79,18 @@ def set_default_backend(backend: str | None) -> None:
 GPU_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def kernel_reasons(backend: str, op_names: tuple[str, ...]) -> list[str]:
+    """The cpu and cuda backends need the extension to hold kernels for every one of these ops
+    (an extension built from an older checkout may lack a newer op)."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(backend)
+    if key is None:
+        return []
+    missing = [n for n in op_names if not _ext.KERNELS.get((n, key), False)]
+    if missing:
+        return [f"the extension has no {key} kernel for {', '.join(missing)} (rebuild it)"]
+    return []
+
+
 def device_and_dtype_reasons(backend: str, x: torch.Tensor, *, explicit: bool) -> list[str]:
     """The rules every op shares, judged on its main input `x`: the cuda kernels need CUDA
     tensors, the cpu kernels CPU tensors; the GPU kernels take float32/float16/bfloat16; the

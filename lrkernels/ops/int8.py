@@ -155,7 +155,8 @@ def check_int8_linear_args(
 
 
 def _reasons(backend: str, x, qweight, scales, bias, *, explicit: bool) -> list[str]:
-    return backends.device_and_dtype_reasons(backend, x, explicit=explicit)
+    reasons = backends.device_and_dtype_reasons(backend, x, explicit=explicit)
+    return reasons + backends.kernel_reasons(backend, ("int8_linear", "int8_linear_grad_input"))
 
 
 backends.register_reasons(_OP, _reasons)

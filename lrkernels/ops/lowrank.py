@@ -135,7 +135,8 @@ def check_lowrank_linear_args(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | No
 
 def _reasons(backend: str, x: Tensor, U: Tensor, V: Tensor, bias, *, explicit: bool) -> list[str]:
     """Why `backend` cannot take these (already validated) inputs; [] when it can."""
-    return backends.device_and_dtype_reasons(backend, x, explicit=explicit)
+    reasons = backends.device_and_dtype_reasons(backend, x, explicit=explicit)
+    return reasons + backends.kernel_reasons(backend, (_OP,))
 
 
 backends.register_reasons(_OP, _reasons)
