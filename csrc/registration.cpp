@@ -11,4 +11,17 @@ TORCH_LIBRARY(lrkernels, m) {
   m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias=None) -> Tensor");
   // dx = dy · dequant(qweight, scales): the input gradient of int8_linear, dy (..., N) -> (..., K)
   m.def("int8_linear_grad_input(Tensor dy, Tensor qweight, Tensor scales) -> Tensor");
+  // Block-sparse softmax attention with a window mask on partial blocks (docs/attention.md):
+  // q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) -> out (B, Hq, Sq, D), lse (B, Hq, Sq) float32
+  m.def(
+      "block_sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, "
+      "Tensor kv_indices, Tensor? full_kv_num_blocks, Tensor? full_kv_indices, int block_q, "
+      "int block_k, int window_left, int window_right, float scale) -> (Tensor, Tensor)");
+  // Its gradient, recomputing the softmax from lse: -> dq, dk, dv (dk/dv summed over GQA groups)
+  m.def(
+      "block_sparse_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor kv_num_blocks, Tensor kv_indices, Tensor? full_kv_num_blocks, "
+      "Tensor? full_kv_indices, Tensor q_num_blocks, Tensor q_indices, "
+      "Tensor? full_q_num_blocks, Tensor? full_q_indices, int block_q, int block_k, "
+      "int window_left, int window_right, float scale) -> (Tensor, Tensor, Tensor)");
 }

@@ -4,6 +4,9 @@ Public API:
     lowrank_linear(x, U, V, bias=None, *, backend=None) -> y = (x·Vᵀ)·Uᵀ + bias
     int8_linear(x, qweight, scales, bias=None, *, group_size=None, backend=None)
                                                  -> y = x·dequant(qweight, scales)ᵀ + bias
+    local_attention(q, k, v, window, *, causal=False, scale=None, return_lse=False, backend=None)
+    block_sparse_attention(q, k, v, layout, *, scale=None, return_lse=False, backend=None)
+    masks.local_window_layout, ..., masks.BlockLayout   block layouts (docs/attention.md)
     nn.LowRankLinear, nn.factorize_linears       low-rank modules and converters
     nn.Int8Linear, nn.quantize_linears           int8 modules and converters
     quant.quantize / quant.dequantize            int8 weight quantization
@@ -14,13 +17,14 @@ from ._source_layout import ensure_triton_kernels_package
 
 ensure_triton_kernels_package()
 
-from . import nn, quant, reference, roofline  # noqa: E402
+from . import masks, nn, quant, reference, roofline  # noqa: E402
 from .backends import (  # noqa: E402
     BACKENDS,
     available_backends,
     not_supported_reasons,
     set_default_backend,
 )
+from .ops.attention import block_sparse_attention, local_attention  # noqa: E402
 from .ops.int8 import int8_linear  # noqa: E402
 from .ops.lowrank import lowrank_linear  # noqa: E402
 
@@ -29,8 +33,11 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "available_backends",
+    "block_sparse_attention",
     "int8_linear",
+    "local_attention",
     "lowrank_linear",
+    "masks",
     "nn",
     "not_supported_reasons",
     "quant",

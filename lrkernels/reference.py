@@ -57,3 +57,75 @@ def int8_linear_exact(
     """The same product in float64: the accuracy yardstick."""
     b = None if bias is None else bias.double()
     return F.linear(x.double(), dequantize_reference(qweight, scales.double(), torch.float64), b)
+
+
+def _listed_blocks(num_blocks: Tensor, indices: Tensor | None, n_kv_blocks: int) -> Tensor:
+    """Bool (Bl, Hl, NQB, NKB): which key blocks the left-packed lists name."""
+    hits = torch.zeros(
+        (*num_blocks.shape, n_kv_blocks), dtype=torch.int32, device=num_blocks.device
+    )
+    if indices is None or indices.shape[-1] == 0:
+        return hits > 0
+    slot = torch.arange(indices.shape[-1], device=num_blocks.device)
+    valid = slot < num_blocks.unsqueeze(-1).long()  # entries past the count are ignored
+    idx = indices.long().clamp(0, n_kv_blocks - 1)
+    return hits.scatter_add_(-1, idx, valid.to(torch.int32)) > 0
+
+
+def attention_visibility(layout, device=None) -> Tensor:
+    """Bool (Bl, Hl, Sq, Sk): key j visible to query i under `layout` (docs/attention.md):
+    listed full blocks entirely, listed partial blocks where the window allows. O(S²): for
+    references and tests at small sizes only."""
+    sq, sk, bq, bk = layout.q_len, layout.kv_len, layout.block_q, layout.block_k
+    nkb = -(-sk // bk)
+    partial = _listed_blocks(layout.kv_num_blocks, layout.kv_indices, nkb)
+    full = (
+        _listed_blocks(layout.full_kv_num_blocks, layout.full_kv_indices, nkb)
+        if layout.full_kv_num_blocks is not None
+        else torch.zeros_like(partial)
+    )
+
+    def expand(blocks: Tensor) -> Tensor:
+        return blocks.repeat_interleave(bq, dim=-2)[..., :sq, :].repeat_interleave(bk, dim=-1)[
+            ..., :sk
+        ]
+
+    i = torch.arange(sq, device=partial.device).unsqueeze(1)
+    j = torch.arange(sk, device=partial.device).unsqueeze(0)
+    left, right = layout.window
+    in_window = torch.ones(sq, sk, dtype=torch.bool, device=partial.device)
+    if left >= 0:
+        in_window &= j >= i + sk - sq - left
+    if right >= 0:
+        in_window &= j <= i + sk - sq + right
+    visible = expand(full) | (expand(partial) & in_window)
+    return visible if device is None else visible.to(device)
+
+
+def block_sparse_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, layout, scale: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Dense masked softmax attention (the ``torch`` backend, and the yardstick of the tests).
+
+    q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) with Hq % Hkv == 0 -> out (B, Hq, Sq, D) in q's
+    dtype, lse (B, Hq, Sq) float32 (float64 for float64 inputs). Scores and softmax in float32
+    (float64 for float64); a query row that sees no key gives out 0 and lse -inf, with zero
+    gradients. Builds the (Sq, Sk) visibility matrix: small sizes only.
+    """
+    b, hq, sq, d = q.shape
+    hkv = k.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kk = k.to(acc).repeat_interleave(hq // hkv, dim=1)
+    vv = v.to(acc).repeat_interleave(hq // hkv, dim=1)
+    visible = attention_visibility(layout, q.device)  # (Bl, Hl, Sq, Sk), broadcasts
+    scores = torch.matmul(q.to(acc), kk.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    any_visible = visible.any(-1, keepdim=True)
+    # Rows that see nothing: softmax over a row of zeros instead of -inf (no NaN), then zeroed.
+    safe = torch.where(any_visible, scores, torch.zeros_like(scores))
+    lse = torch.logsumexp(safe, dim=-1, keepdim=True)
+    probs = torch.exp(safe - lse) * any_visible
+    out = torch.matmul(probs, vv).to(q.dtype)
+    lse = torch.where(any_visible, lse, torch.full_like(lse, float("-inf"))).squeeze(-1)
+    return out, lse.expand(b, hq, sq)

@@ -119,4 +119,139 @@ int64_t check_int8_grad_input_args(const at::Tensor& dy, const at::Tensor& qweig
                            qweight.dim() == 2 ? qweight.size(0) : -1, qweight, scales);
 }
 
+namespace {
+
+constexpr const char* kAttn = "block_sparse_attention: ";
+
+// ceil(a / b) for a >= 0, b >= 1, without overflow.
+int64_t attn_ceil_div(int64_t a, int64_t b) { return a == 0 ? 0 : (a - 1) / b + 1; }
+
+// One CSR-like list: counts int32 (Bl, Hl, n_rows) and indices int32 (Bl, Hl, n_rows, MAX) on
+// `device`, with Bl in {1, B} and Hl in {1, Hq}. `rows` names n_rows ("ceil(Sq / block_q)").
+void check_attn_block_list(const char* counts_name, const at::Tensor& counts,
+                           const char* indices_name, const at::Tensor& indices, int64_t B,
+                           int64_t Hq, int64_t n_rows, const char* rows, const at::Device& device) {
+  TORCH_CHECK(counts.scalar_type() == at::kInt, kAttn, counts_name, " must be int32, got ",
+              counts.scalar_type());
+  TORCH_CHECK(indices.scalar_type() == at::kInt, kAttn, indices_name, " must be int32, got ",
+              indices.scalar_type());
+  TORCH_CHECK(counts.device() == device, kAttn, counts_name, " must be on q's device (", device,
+              "), got ", counts.device());
+  TORCH_CHECK(indices.device() == device, kAttn, indices_name, " must be on q's device (", device,
+              "), got ", indices.device());
+  TORCH_CHECK(counts.dim() == 3 && (counts.size(0) == 1 || counts.size(0) == B) &&
+                  (counts.size(1) == 1 || counts.size(1) == Hq) && counts.size(2) == n_rows,
+              kAttn, counts_name, " must have shape (Bl, Hl, ", n_rows, ") with Bl in {1, ", B,
+              "}, Hl in {1, ", Hq, "} and ", n_rows, " = ", rows, ", got ", counts.sizes());
+  TORCH_CHECK(indices.dim() == 4 && indices.size(0) == counts.size(0) &&
+                  indices.size(1) == counts.size(1) && indices.size(2) == n_rows,
+              kAttn, indices_name, " must have shape (", counts.size(0), ", ", counts.size(1), ", ",
+              n_rows, ", MAX) to match ", counts_name, ", got ", indices.sizes());
+}
+
+// A list with its optional full counterpart: both full tensors or neither, with the partial
+// list's (Bl, Hl).
+void check_attn_block_lists(const char* counts_name, const at::Tensor& counts,
+                            const char* indices_name, const at::Tensor& indices,
+                            const char* full_counts_name,
+                            const std::optional<at::Tensor>& full_counts,
+                            const char* full_indices_name,
+                            const std::optional<at::Tensor>& full_indices, int64_t B, int64_t Hq,
+                            int64_t n_rows, const char* rows, const at::Device& device) {
+  check_attn_block_list(counts_name, counts, indices_name, indices, B, Hq, n_rows, rows, device);
+  TORCH_CHECK(full_counts.has_value() == full_indices.has_value(), kAttn, full_counts_name, " and ",
+              full_indices_name, " must be given together (both or neither), got ",
+              full_counts.has_value() ? full_counts_name : full_indices_name, " alone");
+  if (!full_counts.has_value()) {
+    return;
+  }
+  check_attn_block_list(full_counts_name, *full_counts, full_indices_name, *full_indices, B, Hq,
+                        n_rows, rows, device);
+  TORCH_CHECK(full_counts->size(0) == counts.size(0) && full_counts->size(1) == counts.size(1),
+              kAttn, full_counts_name, " must have ", counts_name, "'s broadcast shape (",
+              counts.size(0), ", ", counts.size(1), ", ", n_rows, "), got ", full_counts->sizes());
+}
+
+}  // namespace
+
+void check_block_sparse_attention_args(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const at::Tensor& kv_num_blocks,
+                                       const at::Tensor& kv_indices,
+                                       const std::optional<at::Tensor>& full_kv_num_blocks,
+                                       const std::optional<at::Tensor>& full_kv_indices,
+                                       int64_t block_q, int64_t block_k, int64_t window_left,
+                                       int64_t window_right) {
+  TORCH_CHECK(q.dim() == 4, kAttn, "q must be 4-D (B, Hq, Sq, D), got shape ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, kAttn, "k must be 4-D (B, Hkv, Sk, D), got shape ", k.sizes());
+  TORCH_CHECK(v.dim() == 4, kAttn, "v must be 4-D (B, Hkv, Sk, D), got shape ", v.sizes());
+  TORCH_CHECK(is_supported_float(q.scalar_type()), kAttn,
+              "q must be float64, float32, float16 or bfloat16, got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), kAttn, "k must have q's dtype (", q.scalar_type(),
+              "), got ", k.scalar_type());
+  TORCH_CHECK(v.scalar_type() == q.scalar_type(), kAttn, "v must have q's dtype (", q.scalar_type(),
+              "), got ", v.scalar_type());
+  TORCH_CHECK(k.device() == q.device(), kAttn, "k must be on q's device (", q.device(), "), got ",
+              k.device());
+  TORCH_CHECK(v.device() == q.device(), kAttn, "v must be on q's device (", q.device(), "), got ",
+              v.device());
+  TORCH_CHECK(v.sizes() == k.sizes(), kAttn, "v must have k's shape ", k.sizes(), ", got ",
+              v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0), kAttn, "k and v must have q's batch size B = ", q.size(0),
+              ", got k of shape ", k.sizes());
+  TORCH_CHECK(k.size(3) == q.size(3), kAttn, "k and v must have q's head dim D = ", q.size(3),
+              ", got k of shape ", k.sizes());
+  TORCH_CHECK(q.size(3) >= 1, kAttn, "head dim D must be >= 1, got q of shape ", q.sizes());
+  TORCH_CHECK(k.size(1) >= 1, kAttn, "k and v must have at least one head (Hkv >= 1), got k of ",
+              "shape ", k.sizes());
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, kAttn, "the query heads Hq = ", q.size(1),
+              " must be a multiple of the kv heads Hkv = ", k.size(1));
+  TORCH_CHECK(block_q >= 1, kAttn, "block_q must be >= 1, got ", block_q);
+  TORCH_CHECK(block_k >= 1, kAttn, "block_k must be >= 1, got ", block_k);
+  TORCH_CHECK(window_left >= -1, kAttn, "window_left must be >= -1 (-1: unbounded), got ",
+              window_left);
+  TORCH_CHECK(window_right >= -1, kAttn, "window_right must be >= -1 (-1: unbounded), got ",
+              window_right);
+  check_attn_block_lists("kv_num_blocks", kv_num_blocks, "kv_indices", kv_indices,
+                         "full_kv_num_blocks", full_kv_num_blocks, "full_kv_indices",
+                         full_kv_indices, q.size(0), q.size(1), attn_ceil_div(q.size(2), block_q),
+                         "ceil(Sq / block_q)", q.device());
+}
+
+void check_block_sparse_attention_bwd_args(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& kv_num_blocks,
+    const at::Tensor& kv_indices, const std::optional<at::Tensor>& full_kv_num_blocks,
+    const std::optional<at::Tensor>& full_kv_indices, const at::Tensor& q_num_blocks,
+    const at::Tensor& q_indices, const std::optional<at::Tensor>& full_q_num_blocks,
+    const std::optional<at::Tensor>& full_q_indices, int64_t block_q, int64_t block_k,
+    int64_t window_left, int64_t window_right) {
+  check_block_sparse_attention_args(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks,
+                                    full_kv_indices, block_q, block_k, window_left, window_right);
+  const std::pair<const char*, const at::Tensor*> like_q[] = {{"dout", &dout}, {"out", &out}};
+  for (const auto& [name, t] : like_q) {
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), kAttn, name, " must have q's dtype (",
+                q.scalar_type(), "), got ", t->scalar_type());
+    TORCH_CHECK(t->device() == q.device(), kAttn, name, " must be on q's device (", q.device(),
+                "), got ", t->device());
+    TORCH_CHECK(t->sizes() == q.sizes(), kAttn, name, " must have q's shape ", q.sizes(), ", got ",
+                t->sizes());
+  }
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, kAttn, "lse must be float32, got ",
+              lse.scalar_type());
+  TORCH_CHECK(lse.device() == q.device(), kAttn, "lse must be on q's device (", q.device(),
+              "), got ", lse.device());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) &&
+                  lse.size(2) == q.size(2),
+              kAttn, "lse must have shape (B, Hq, Sq) = (", q.size(0), ", ", q.size(1), ", ",
+              q.size(2), "), got ", lse.sizes());
+  check_attn_block_lists("q_num_blocks", q_num_blocks, "q_indices", q_indices, "full_q_num_blocks",
+                         full_q_num_blocks, "full_q_indices", full_q_indices, q.size(0), q.size(1),
+                         attn_ceil_div(k.size(2), block_k), "ceil(Sk / block_k)", q.device());
+  TORCH_CHECK(full_q_num_blocks.has_value() == full_kv_num_blocks.has_value(), kAttn,
+              "full_q_num_blocks/full_q_indices must be given exactly when full_kv_num_blocks/"
+              "full_kv_indices are, got ",
+              full_kv_num_blocks.has_value() ? "the forward full lists without their transpose"
+                                             : "transposed full lists without forward ones");
+}
+
 }  // namespace lrkernels

@@ -26,4 +26,30 @@ int64_t check_int8_linear_args(const at::Tensor& x, const at::Tensor& qweight,
 int64_t check_int8_grad_input_args(const at::Tensor& dy, const at::Tensor& qweight,
                                    const at::Tensor& scales);
 
+// block_sparse_attention_fwd (docs/attention.md): q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) with
+// Hq % Hkv == 0, one float dtype, one device (any strides); the layout tensors int32 on q's
+// device: kv_num_blocks (Bl, Hl, ceil(Sq / block_q)) with Bl in {1, B}, Hl in {1, Hq},
+// kv_indices (Bl, Hl, NQB, MAXB), the optional full lists likewise (both or neither);
+// block_q, block_k >= 1; window_left, window_right >= -1. Counts and indices are range-checked
+// by the kernels' callers in Python (a device sync here would stall every launch).
+void check_block_sparse_attention_args(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, const at::Tensor& kv_num_blocks,
+                                       const at::Tensor& kv_indices,
+                                       const std::optional<at::Tensor>& full_kv_num_blocks,
+                                       const std::optional<at::Tensor>& full_kv_indices,
+                                       int64_t block_q, int64_t block_k, int64_t window_left,
+                                       int64_t window_right);
+
+// block_sparse_attention_bwd: the forward's checks, plus dout and out shaped like q, lse float32
+// (B, Hq, Sq), and the transposed layout: q_num_blocks (Bl, Hl, ceil(Sk / block_k)), q_indices
+// (Bl, Hl, NKB, MAXQ), optional full lists likewise.
+void check_block_sparse_attention_bwd_args(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& kv_num_blocks,
+    const at::Tensor& kv_indices, const std::optional<at::Tensor>& full_kv_num_blocks,
+    const std::optional<at::Tensor>& full_kv_indices, const at::Tensor& q_num_blocks,
+    const at::Tensor& q_indices, const std::optional<at::Tensor>& full_q_num_blocks,
+    const std::optional<at::Tensor>& full_q_indices, int64_t block_q, int64_t block_k,
+    int64_t window_left, int64_t window_right);
+
 }  // namespace lrkernels

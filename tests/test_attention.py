@@ -1,0 +1,289 @@
+"""local_attention / block_sparse_attention: every backend against the float64 dense
+reference — windows, Sq ≠ Sk, GQA, odd lengths, fully masked rows, every layout builder, lse,
+gradients (also through lse), torch.library checks, torch.compile and argument errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_CUDA, assert_matches, device_for, skip_unless_runs
+
+import lrkernels
+from lrkernels import masks
+from lrkernels.reference import block_sparse_attention_reference
+
+BACKENDS = ["cuda", "triton", "cpu", "torch"]
+OP = "block_sparse_attention"
+
+
+def block_for(backend):
+    """Small blocks under the Triton interpreter (speed); the GPU kernels take 64/128."""
+    return 64 if HAS_CUDA or backend == "cuda" else 16
+
+
+def make_qkv(b, hq, hkv, sq, sk, d, dtype, device):
+    q = torch.randn(b, hq, sq, d, device=device).to(dtype)
+    k = torch.randn(b, hkv, sk, d, device=device).to(dtype)
+    v = torch.randn(b, hkv, sk, d, device=device).to(dtype)
+    return q, k, v
+
+
+def exact(q, k, v, layout, scale=None):
+    return block_sparse_attention_reference(q.double(), k.double(), v.double(), layout, scale)
+
+
+def dtypes_for(backend):
+    return [torch.float16, torch.bfloat16] if backend == "cuda" else [torch.float32, torch.float16]
+
+
+def check_case(backend, q, k, v, layout, scale=None):
+    skip_unless_runs(OP, backend, q, k, v, layout)
+    out, lse = lrkernels.block_sparse_attention(
+        q, k, v, layout, scale=scale, return_lse=True, backend=backend
+    )
+    ref_out, ref_lse = exact(q, k, v, layout, scale)
+    same_dtype, _ = block_sparse_attention_reference(q, k, v, layout, scale)
+    assert_matches(out, ref_out, same_dtype)
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "lse must be -inf exactly on masked rows"
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], rtol=1e-3, atol=1e-3)
+
+
+# (Sq, Sk, window, causal): every window/causal combination, Sq ≠ Sk both ways, odd lengths.
+WINDOWS = [
+    (77, 77, (-1, -1), False),
+    (77, 77, (-1, 0), True),
+    (70, 70, (20, 0), True),
+    (50, 83, (17, 9), False),
+    (83, 50, (30, -1), False),
+    (40, 90, (-1, 0), True),  # chunked prefill: the queries are the last 40 positions
+    (1, 65, (31, 0), True),  # decode: one query sees the last 32 keys
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", WINDOWS, ids=str)
+def test_local_attention_matches_reference(backend, case):
+    sq, sk, window, causal = case
+    dev = device_for(backend)
+    dtype = dtypes_for(backend)[0]
+    q, k, v = make_qkv(2, 4, 2, sq, sk, 32, dtype, dev)
+    bs = block_for(backend)
+    layout = masks.local_window_layout(sq, sk, window, causal=causal, block_q=bs, block_k=bs)
+    check_case(backend, q, k, v, layout.to(dev))
+    # local_attention builds the same layout itself
+    skip_unless_runs(OP, backend, q, k, v, layout.to(dev))
+    out = lrkernels.local_attention(q, k, v, window, causal=causal, backend=backend, block_size=bs)
+    torch.testing.assert_close(
+        out, lrkernels.block_sparse_attention(q, k, v, layout.to(dev), backend=backend)
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", [32, 64, 96])
+def test_head_dims_dtypes_and_gqa(backend, d):
+    dev = device_for(backend)
+    bs = block_for(backend)
+    for dtype in dtypes_for(backend):
+        for hkv in (4, 1):  # MHA-like group of 1, and MQA
+            q, k, v = make_qkv(1, 4, hkv, 45, 45, d, dtype, dev)
+            layout = masks.local_window_layout(45, 45, (20, 0), block_q=bs, block_k=bs)
+            check_case(backend, q, k, v, layout.to(dev), scale=0.3)
+
+
+def _layouts(sq, sk, bs):
+    nqb, nkb = -(-sq // bs), -(-sk // bs)
+    dense = torch.rand(2, 1, nqb, nkb) < 0.4
+    dense[..., 0] = True
+    return {
+        "causal": masks.causal_layout(sq, sk, block_q=bs, block_k=bs),
+        "dilated": masks.dilated_layout(sq, sk, stride=2, window_blocks=4, block_q=bs, block_k=bs, causal=True),
+        "longformer": masks.longformer_layout(sq, sk, window=(bs, bs), global_tokens=bs, block_q=bs, block_k=bs),
+        "bigbird": masks.bigbird_layout(sq, sk, window_blocks=1, global_blocks=1, random_blocks=1, block_q=bs, block_k=bs),
+        "dense-matrix": masks.from_block_mask_matrix(dense, sq, sk, bs, bs),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", ["causal", "dilated", "longformer", "bigbird", "dense-matrix"])
+def test_layout_builders(backend, pattern):
+    dev = device_for(backend)
+    bs = block_for(backend)
+    sq = sk = 3 * bs + 5
+    layout = _layouts(sq, sk, bs)[pattern].to(dev)
+    q, k, v = make_qkv(2, 2, 2, sq, sk, 32, dtypes_for(backend)[0], dev)
+    check_case(backend, q, k, v, layout)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_rows_give_zeros_and_no_nan_gradients(backend):
+    dev = device_for(backend)
+    bs = block_for(backend)
+    sq, sk = 2 * bs, 2 * bs
+    # Only the second query block lists a key block: the first block's rows see nothing.
+    dense = torch.zeros(1, 1, 2, 2, dtype=torch.bool)
+    dense[0, 0, 1, 0] = True
+    layout = masks.from_block_mask_matrix(dense, sq, sk, bs, bs).to(dev)
+    q, k, v = make_qkv(1, 2, 2, sq, sk, 32, dtypes_for(backend)[0], dev)
+    skip_unless_runs(OP, backend, q, k, v, layout)
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    out, lse = lrkernels.block_sparse_attention(q, k, v, layout, return_lse=True, backend=backend)
+    assert torch.all(out[:, :, :bs] == 0) and torch.all(lse[:, :, :bs] == float("-inf"))
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.all(q.grad[:, :, :bs] == 0)
+
+
+def _grad_check(backend, q, k, v, layout, use_lse):
+    skip_unless_runs(OP, backend, q, k, v, layout)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    dout = torch.randn_like(q)
+    dlse = torch.randn(q.shape[:3], device=q.device)
+
+    def loss(out, lse, dout, dlse):
+        total = (out.to(dout.dtype) * dout).sum()
+        if use_lse:
+            finite = torch.isfinite(lse)
+            total = total + (torch.where(finite, lse, 0).to(dlse.dtype) * dlse).sum()
+        return total
+
+    out, lse = lrkernels.block_sparse_attention(*leaves, layout, return_lse=True, backend=backend)
+    loss(out, lse, dout, dlse).backward()
+    ref_out, ref_lse = block_sparse_attention_reference(*ref_leaves, layout)
+    loss(ref_out, ref_lse, dout.double(), dlse.double()).backward()
+    tol = 1e-4 if q.dtype == torch.float32 else 2e-2
+    for name, got, want in zip("qkv", leaves, ref_leaves, strict=True):
+        err = (got.grad.double() - want.grad).norm() / want.grad.norm().clamp_min(1e-12)
+        assert err < tol, f"d{name}: relative error {err:.2e} > {tol}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("use_lse", [False, True], ids=["out", "out+lse"])
+def test_gradients(backend, use_lse):
+    dev = device_for(backend)
+    bs = block_for(backend)
+    dtype = torch.float16 if backend == "cuda" else torch.float32
+    q, k, v = make_qkv(1, 4, 2, 2 * bs + 3, 2 * bs + 9, 32, dtype, dev)
+    layout = masks.local_window_layout(q.shape[2], k.shape[2], (bs, 3), block_q=bs, block_k=bs)
+    _grad_check(backend, q, k, v, layout.to(dev), use_lse)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    dev = device_for(backend)
+    bs = block_for(backend)
+    dtype = dtypes_for(backend)[0]
+    # (B, S, H, D) storage seen as (B, H, S, D): the layout most models produce
+    q = torch.randn(2, 50, 4, 32, device=dev).to(dtype).transpose(1, 2)
+    k = torch.randn(2, 50, 2, 32, device=dev).to(dtype).transpose(1, 2)
+    v = torch.randn(2, 50, 2, 32, device=dev).to(dtype).transpose(1, 2)
+    layout = masks.local_window_layout(50, 50, (-1, 0), block_q=bs, block_k=bs).to(dev)
+    check_case(backend, q, k, v, layout)
+
+
+def test_backward_is_deterministic():
+    backend = "cuda" if HAS_CUDA else "cpu"
+    dev = device_for(backend)
+    q, k, v = make_qkv(1, 4, 1, 130, 130, 64, torch.float16 if HAS_CUDA else torch.float32, dev)
+    layout = masks.local_window_layout(130, 130, (64, 0), block_q=64, block_k=64).to(dev)
+    skip_unless_runs(OP, backend, q, k, v, layout)
+    grads = []
+    for _ in range(2):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        lrkernels.block_sparse_attention(*leaves, layout, backend=backend).sum().backward()
+        grads.append([t.grad.clone() for t in leaves])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_opcheck_cpp_op(backend):
+    if backend == "cuda" and not HAS_CUDA:
+        pytest.skip("cuda: no CUDA device")
+    dev = "cuda" if backend == "cuda" else "cpu"
+    dtype = torch.float16 if backend == "cuda" else torch.float32
+    q, k, v = make_qkv(1, 2, 1, 70, 70, 32, dtype, dev)
+    layout = masks.local_window_layout(70, 70, (30, 0), block_q=64, block_k=64).to(dev)
+    skip_unless_runs(OP, backend, q, k, v, layout)
+    args = (
+        q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), layout.kv_num_blocks,
+        layout.kv_indices, layout.full_kv_num_blocks, layout.full_kv_indices, 64, 64, 30, 0, 0.2,
+    )  # fmt: skip
+    torch.library.opcheck(torch.ops.lrkernels.block_sparse_attention_fwd.default, args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    dev = device_for(backend)
+    if backend == "triton" and not HAS_CUDA:
+        pytest.skip("compiling a triton_op traces the kernel with fake tensors: GPU only")
+    dtype = torch.float16 if dev == "cuda" else torch.float32
+    q, k, v = make_qkv(1, 2, 2, 70, 70, 32, dtype, dev)
+    layout = masks.local_window_layout(70, 70, (30, 0), block_q=64, block_k=64).to(dev)
+    skip_unless_runs(OP, backend, q, k, v, layout)
+
+    def f(q, k, v):
+        return lrkernels.block_sparse_attention(q, k, v, layout, backend=backend).float().sum(-1)
+
+    eager = f(q, k, v)
+    q1 = q.detach().requires_grad_()
+    out = torch.compile(f, fullgraph=True)(q1, k, v)
+    torch.testing.assert_close(out, eager, rtol=2e-3, atol=2e-3)
+    out.sum().backward()
+    assert torch.isfinite(q1.grad).all()
+
+
+# ------------------------------------------------------------------------------- errors
+
+
+def test_bad_inputs_errors():
+    q, k, v = make_qkv(1, 4, 2, 20, 20, 32, torch.float32, "cpu")
+    layout = masks.local_window_layout(20, 20, (-1, 0), block_q=16, block_k=16)
+    cases = [
+        ((q[0], k, v, layout), ValueError, "q must be 4-D"),
+        ((q.long(), k, v, layout), TypeError, "q must be float"),
+        ((q, k.half(), v, layout), TypeError, "k must have q's dtype"),
+        ((q, k, v[:, :, :19], layout), ValueError, "k and v must have the same shape"),
+        ((q, k[:, :, :, :16], v[:, :, :, :16], layout), ValueError, "k must have shape"),
+        ((q[:, :3], k, v, layout), ValueError, "multiple of k/v heads"),
+        ((q, k, v, "causal"), TypeError, "layout must be a lrkernels.masks.BlockLayout"),
+        ((q[:, :, :19], k, v, layout), ValueError, "layout is for"),
+    ]
+    for args, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            lrkernels.block_sparse_attention(*args)
+    with pytest.raises(ValueError, match="causal=True means right = 0"):
+        lrkernels.local_attention(q, k, v, (4, 2), causal=True)
+    with pytest.raises(ValueError, match="window entries must be >= -1"):
+        lrkernels.local_attention(q, k, v, (-2, 0))
+
+
+def test_unsupported_head_dim_on_gpu_kernels_is_a_clear_error():
+    q, k, v = make_qkv(1, 2, 2, 20, 20, 48, torch.float16, "cpu")
+    layout = masks.local_window_layout(20, 20, (-1, 0), block_q=64, block_k=64)
+    reasons = lrkernels.not_supported_reasons(OP, "cuda", q, k, v, layout)
+    assert reasons
+    if HAS_CUDA:
+        with pytest.raises(RuntimeError, match="head_dim"):
+            lrkernels.block_sparse_attention(
+                q.cuda(), k.cuda(), v.cuda(), layout.to("cuda"), backend="cuda"
+            )
+
+
+def test_cpp_op_errors():
+    if lrkernels.available_backends()["cpu"] is not None:
+        pytest.skip("extension not built")
+    q, k, v = make_qkv(1, 4, 2, 20, 20, 32, torch.float32, "cpu")
+    layout = masks.local_window_layout(20, 20, (-1, 0), block_q=16, block_k=16)
+    args = [layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks,
+            layout.full_kv_indices, 16, 16, -1, 0, 0.1]  # fmt: skip
+    with pytest.raises(RuntimeError, match="block_sparse_attention"):
+        torch.ops.lrkernels.block_sparse_attention_fwd(q[:, :3], k, v, *args)
+    bad = list(args)
+    bad[0] = layout.kv_num_blocks.long()
+    with pytest.raises(RuntimeError, match="int32"):
+        torch.ops.lrkernels.block_sparse_attention_fwd(q, k, v, *bad)
