@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "DevicePeaks",
+    "attention_cost",
     "dense_linear_cost",
     "device_name",
     "int8_linear_cost",
@@ -85,6 +86,59 @@ def int8_linear_cost(
         act_elems += out_f
     s_bytes = dtype_bytes if scale_bytes is None else scale_bytes
     return flops, out_f * in_f + n_scales * s_bytes + act_elems * dtype_bytes
+
+
+# FLOPs of each pass in halves of the forward's (the backward is 2.5x): integer arithmetic
+_ATTENTION_PASS_FACTOR = {"fwd": 2, "bwd": 5, "fwd+bwd": 7}
+
+
+def attention_cost(
+    B: int,
+    Hq: int,
+    Hkv: int,
+    Sq: int,
+    Sk: int,
+    D: int,
+    dtype_bytes: int,
+    *,
+    visible_pairs: int,
+    computed_blocks: int,
+    block_q: int = 128,
+    block_k: int = 128,
+    pass_: str = "fwd",
+    lse: bool = True,
+) -> tuple[int, int, int]:
+    """(useful flops, computed-block flops, minimum bytes) of softmax attention restricted to a
+    set of (query, key) pairs: q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D), out like q.
+
+    ``visible_pairs`` and ``computed_blocks`` are totals over all B·Hq (batch, query head)
+    pairs: the (i, j) the mask lets through, and the block_q × block_k tiles a block-sparse
+    kernel computes (partial and full, each a whole tile even where it overhangs the sequence).
+
+    FLOPs, FlashAttention's convention: the forward does two matmuls (S = q·kᵀ and out = P·v),
+    2 FLOPs per multiply-add, so 4·D per visible pair; softmax and masking are not counted. The
+    backward does five (q·kᵀ recomputed, dv, dp, dq, dk): 2.5× the forward. ``pass_`` is
+    "fwd", "bwd" or "fwd+bwd" (3.5×). Useful FLOPs count the visible pairs, computed-block FLOPs
+    4·D·block_q·block_k per listed tile (the work a block-sparse kernel actually does).
+
+    Bytes, the floor of any implementation (each tensor read or written once): the forward
+    reads q, k, v and writes out (and the float32 log-sum-exp when ``lse``); the backward reads
+    q, k, v, out, dout (and lse) and writes dq, dk, dv; "fwd+bwd" is the sum of the two.
+    """
+    if pass_ not in _ATTENTION_PASS_FACTOR:
+        raise ValueError(f"pass_ must be one of {sorted(_ATTENTION_PASS_FACTOR)}, got {pass_!r}")
+    if Hkv < 1 or Hq % Hkv:
+        raise ValueError(f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    halves = _ATTENTION_PASS_FACTOR[pass_]
+    useful = 2 * D * visible_pairs * halves
+    computed = 2 * D * block_q * block_k * computed_blocks * halves
+    q_elems = B * Hq * Sq * D  # q, out, dout, dq: one each
+    kv_elems = B * Hkv * Sk * D  # k, v, dk, dv: one each
+    lse_bytes = 4 * B * Hq * Sq if lse else 0
+    fwd = (2 * q_elems + 2 * kv_elems) * dtype_bytes + lse_bytes
+    bwd = (4 * q_elems + 4 * kv_elems) * dtype_bytes + lse_bytes
+    nbytes = {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[pass_]
+    return useful, computed, nbytes
 
 
 @dataclasses.dataclass(frozen=True)

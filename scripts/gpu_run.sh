@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # The one command for a GPU machine: build the extension in place, run the test suite, run
-# compute-sanitizer over the CUDA backend, run the low-rank and int8 benchmark sweeps.
+# compute-sanitizer over the CUDA backend, run the low-rank, int8 and attention benchmark sweeps.
 #
 #   bash scripts/gpu_run.sh [OUT_DIR]        (default: $OUT, else ./gpu-out)
 #
 # Uses the machine's own python3 with torch/triton/ninja/pytest preinstalled: no venv, no pip
 # downloads. Writes to OUT_DIR: summary.txt, build.log, tests.log, tests-junit.xml,
-# sanitizer.log, bench.log, bench-int8.log and results/{lowrank,int8}-<gpu>.{csv,svg}.
+# sanitizer.log, bench.log, bench-int8.log, bench-attn.log and
+# results/{lowrank,int8,attn}-<gpu>.{csv,svg}.
 # Every step runs even after an earlier one failed; the exit status is 0 only if all passed.
 # The whole run keeps inside GPU_RUN_BUDGET_S seconds (default 560): each step gets a time
 # limit that leaves room for the steps after it; each benchmark stops starting new shapes when
-# its time is nearly up and still writes the rows it has (the low-rank sweep gets half of the
-# time left for benchmarks, the int8 sweep the rest).
+# its time is nearly up and still writes the rows it has (the low-rank sweep gets a third of the
+# time left for benchmarks, the int8 sweep half of what is then left, the attention sweep the
+# rest).
 #
 # Environment knobs: PYTHON, GPU_RUN_BUDGET_S, TORCH_CUDA_ARCH_LIST (default 9.0a), MAX_JOBS,
 # CUDA_HOME (default /usr/local/cuda), BENCH_ARGS (extra arguments for bench/lowrank.py),
-# BENCH_INT8_ARGS (extra arguments for bench/int8.py),
+# BENCH_INT8_ARGS (extra arguments for bench/int8.py), BENCH_ATTN_ARGS (for bench/attn.py),
 # SANITIZER_TOOLS (default "memcheck racecheck synccheck").
 set -u
 set -o pipefail
@@ -145,9 +147,9 @@ else
 fi
 
 # ---------------------------------------------------------------------------- benchmarks
-# The low-rank sweep gets half of the time left; the int8 sweep after it gets the rest (more
-# when the low-rank sweep ends early).
-bench_limit=$((($(remaining) - 5) / 2))
+# The low-rank sweep gets a third of the time left, the int8 sweep half of what is then left,
+# the attention sweep the rest (each gets more when the ones before it end early).
+bench_limit=$((($(remaining) - 5) / 3))
 bench_sweep_s=$((bench_limit - 40))  # leave time for the shape in flight and the report
 if [ "$bench_sweep_s" -lt 10 ]; then bench_sweep_s=10; fi
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of words on purpose
@@ -155,13 +157,23 @@ run_step bench "$OUT_DIR/bench.log" "$bench_limit" 5 all \
   "$PY" bench/lowrank.py --out "$OUT_DIR/results" --max-seconds "$bench_sweep_s" \
   ${BENCH_ARGS:-}
 
-int8_limit=$(($(remaining) - 5))
+int8_limit=$((($(remaining) - 5) / 2))
 int8_sweep_s=$((int8_limit - 40))  # leave time for the shape in flight and the report
 if [ "$int8_sweep_s" -lt 10 ]; then int8_sweep_s=10; fi
 # shellcheck disable=SC2086 # BENCH_INT8_ARGS is a list of words on purpose
 run_step bench-int8 "$OUT_DIR/bench-int8.log" "$int8_limit" 5 all \
   "$PY" bench/int8.py --out "$OUT_DIR/results" --max-seconds "$int8_sweep_s" \
   ${BENCH_INT8_ARGS:-}
+
+attn_limit=$(($(remaining) - 5))
+# an attention problem in flight can take a while (FlexAttention compiles, the float32
+# reference, three passes): leave it more room
+attn_sweep_s=$((attn_limit - 60))
+if [ "$attn_sweep_s" -lt 10 ]; then attn_sweep_s=10; fi
+# shellcheck disable=SC2086 # BENCH_ATTN_ARGS is a list of words on purpose
+run_step bench-attn "$OUT_DIR/bench-attn.log" "$attn_limit" 5 all \
+  "$PY" bench/attn.py --out "$OUT_DIR/results" --max-seconds "$attn_sweep_s" \
+  ${BENCH_ATTN_ARGS:-}
 
 # ---------------------------------------------------------------------------- summary
 {
@@ -172,7 +184,7 @@ run_step bench-int8 "$OUT_DIR/bench-int8.log" "$int8_limit" 5 all \
     echo "tests: $(grep -E '(passed|failed|error)' "$OUT_DIR/tests.log" | tail -n 1)"
   fi
   grep -hE '^ *lrkernels-.*(PASS|MISS)$' "$OUT_DIR/bench.log" "$OUT_DIR/bench-int8.log" \
-    2>/dev/null
+    "$OUT_DIR/bench-attn.log" 2>/dev/null
   if [ "$FAILED" -eq 0 ]; then echo "ALL STEPS PASSED"; else echo "SOME STEPS FAILED"; fi
 } 2>&1 | tee -a "$SUMMARY_FILE"
 exit "$FAILED"
