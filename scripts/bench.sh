@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# The main job (README): sets up .venv, builds the extension, and runs the benchmarks on
+# The main job (README): sets up .venv, builds the extension, and runs the three benchmarks on
 # whatever device is there (GPU: the full sweeps; CPU: small shapes, labelled CPU). Results
-# (CSV + SVG plot) go to bench/results/. Extra arguments go to bench/lowrank.py.
+# (CSV + SVG plots) go to bench/results/. Extra arguments go to every benchmark (e.g. --quick).
+# The exit status is non-zero if any benchmark's correctness cross-check failed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 . scripts/setup_env.sh
-"$PY" bench/lowrank.py "$@"
+status=0
+for bench in lowrank int8 attn; do
+  echo "== bench/$bench.py $*"
+  "$PY" "bench/$bench.py" "$@" || status=1
+done
+exit "$status"
