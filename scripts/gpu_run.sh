@@ -140,6 +140,10 @@ if [ -x "$SANITIZER" ]; then
       env PYTORCH_NO_CUDA_MEMORY_CACHING="$nocache" \
       "$SANITIZER" --tool "$tool" --error-exitcode 1 --print-limit 20 \
       "$PY" scripts/sanitize_lowrank.py
+    run_step "sanitizer-$tool-int8-attn" "$OUT_DIR/sanitizer.log" 90 150 tail \
+      env PYTORCH_NO_CUDA_MEMORY_CACHING="$nocache" \
+      "$SANITIZER" --tool "$tool" --error-exitcode 1 --print-limit 20 \
+      "$PY" scripts/sanitize_int8_attention.py
   done
 else
   echo "compute-sanitizer not found" | tee -a "$OUT_DIR/sanitizer.log"
