@@ -10,45 +10,22 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
 
 #include "../common/checks.h"
 #include "attention_kernels.cuh"
+#include "launch_utils.h"
 
 namespace lrkernels {
 namespace {
 
 constexpr const char* kOp = "block_sparse_attention_bwd (cuda backend)";
 
-// LRKERNELS_POISON_OUTPUT=1 fills the gradients with NaN before the launch, so that an element
-// a kernel fails to write cannot pass a test by inheriting a plausible value. Read once.
-bool poison_output() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("LRKERNELS_POISON_OUTPUT");
-    return value != nullptr && std::strcmp(value, "1") == 0;
-  }();
-  return enabled;
-}
+using cuda_launch::poison_output;
 
-// Compute capability major of a device, cached (a race between host threads on first use only
-// repeats the query).
-int compute_capability_major(int device) {
-  constexpr int kMaxCached = 64;
-  static std::atomic<int> cached[kMaxCached];  // 0: not queried yet
-  if (device >= 0 && device < kMaxCached) {
-    const int major = cached[device].load();
-    if (major > 0) return major;
-  }
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (device >= 0 && device < kMaxCached) cached[device].store(major);
-  return major;
-}
+int compute_capability_major(int device) { return cuda_launch::device_info(device).cc_major; }
 
 // q / k / v keep their strides when the head dimension is contiguous (or of size 1).
 at::Tensor unit_last_stride(const at::Tensor& t) {

@@ -16,54 +16,20 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <atomic>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <optional>
 #include <vector>
 
 #include "../common/checks.h"
+#include "launch_utils.h"
 #include "lowrank_kernels.cuh"
 
 namespace lrkernels {
 namespace {
 
-// LRKERNELS_POISON_OUTPUT=1 fills y with NaN before the launch, so that an element a kernel
-// fails to write cannot pass a test by inheriting a plausible value. Read once.
-bool poison_output() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("LRKERNELS_POISON_OUTPUT");
-    return value != nullptr && std::strcmp(value, "1") == 0;
-  }();
-  return enabled;
-}
-
-struct DeviceInfo {
-  int num_sms;
-  int cc_major;
-};
-
-// Multiprocessor count and compute capability, cached per device (queried once; a benign race
-// on first use only repeats the query).
-DeviceInfo device_info(int device) {
-  constexpr int kMaxCached = 64;
-  static std::atomic<int> cached_sms[kMaxCached];  // 0: not queried yet
-  static std::atomic<int> cached_major[kMaxCached];
-  if (device >= 0 && device < kMaxCached) {
-    const int sms = cached_sms[device].load();
-    if (sms > 0) return {sms, cached_major[device].load()};
-  }
-  DeviceInfo info{0, 0};
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor, device));
-  if (info.num_sms < 1) info.num_sms = 1;
-  if (device >= 0 && device < kMaxCached) {
-    cached_major[device].store(info.cc_major);  // published before the count (seq_cst)
-    cached_sms[device].store(info.num_sms);
-  }
-  return info;
-}
+using cuda_launch::device_info;
+using cuda_launch::DeviceInfo;
+using cuda_launch::poison_output;
 
 cuda::DType to_kernel_dtype(at::ScalarType t) {
   switch (t) {
