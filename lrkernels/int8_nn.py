@@ -17,7 +17,6 @@ and the reasons the scales are stored in the activation dtype are described in
 from __future__ import annotations
 
 import operator
-import re
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._model_walk import NameFilter, index_linears, name_predicate
 from .factorize import GramAccumulator
 from .quant import (
     SCALE_DTYPES,
@@ -364,23 +364,6 @@ class QuantizeReport:
         return "\n".join(lines)
 
 
-NameFilter = Callable[[str], bool] | str | re.Pattern | None
-
-
-def _name_predicate(arg: NameFilter, what: str) -> Callable[[str], bool] | None:
-    if arg is None:
-        return None
-    if isinstance(arg, str | re.Pattern):
-        try:
-            pattern = re.compile(arg)
-        except re.error as exc:
-            raise ValueError(f"{what} is not a valid regular expression: {exc}") from None
-        return lambda name: pattern.search(name) is not None
-    if callable(arg):
-        return lambda name: bool(arg(name))
-    raise ValueError(f"{what} must be a callable name -> bool or a regex string, got {arg!r}")
-
-
 def _model_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
@@ -443,37 +426,16 @@ def quantize_linears(
         dtype = _check_dtype(dtype)
     if clip_search and calibration_batches is None:
         raise ValueError("clip_search=True needs calibration_batches")
-    include_fn = _name_predicate(include, "include")
-    exclude_fn = _name_predicate(exclude, "exclude")
+    include_fn = name_predicate(include, "include")
+    exclude_fn = name_predicate(exclude, "exclude")
     if forward_fn is None:
 
         def forward_fn(m: nn.Module, batch: Any) -> Any:
             return m(batch)
 
-    refs: dict[int, list[tuple[nn.Module, str]]] = {}
-    first_name: dict[int, str] = {}
-    linears: dict[int, nn.Linear] = {}
-    seen_refs: set[tuple[int, str]] = set()
-    mha_owned: set[int] = set()
-    for parent_name, parent in model.named_modules(remove_duplicate=False):
-        for attr, child in parent._modules.items():
-            if not isinstance(child, nn.Linear):
-                continue
-            key = id(child)
-            if (id(parent), attr) not in seen_refs:
-                seen_refs.add((id(parent), attr))
-                refs.setdefault(key, []).append((parent, attr))
-            if key not in first_name:
-                first_name[key] = f"{parent_name}.{attr}" if parent_name else attr
-                linears[key] = child
-            if isinstance(parent, nn.MultiheadAttention):
-                mha_owned.add(key)
-
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module._parameters.values():
-            if p is not None:
-                owners[id(p)] = owners.get(id(p), 0) + 1
+    index = index_linears(model)
+    refs, first_name, linears = index.refs, index.first_name, index.linears
+    mha_owned, owners = index.mha_owned, index.owners
 
     report = QuantizeReport(
         bytes_before=_model_bytes(model),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
+from ._model_walk import NameFilter, index_linears, name_predicate
 from .factorize import (
     DEFAULT_DAMPING,
     GramAccumulator,
@@ -338,23 +338,6 @@ class FactorizeReport:
         return "\n".join(lines)
 
 
-NameFilter = Callable[[str], bool] | str | re.Pattern | None
-
-
-def _as_predicate(arg: NameFilter, what: str) -> Callable[[str], bool] | None:
-    if arg is None:
-        return None
-    if isinstance(arg, str | re.Pattern):
-        try:
-            pattern = re.compile(arg)
-        except re.error as exc:
-            raise ValueError(f"{what} is not a valid regular expression: {exc}") from None
-        return lambda name: pattern.search(name) is not None
-    if callable(arg):
-        return lambda name: bool(arg(name))
-    raise ValueError(f"{what} must be a callable name -> bool or a regex string, got {arg!r}")
-
-
 def _count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -414,39 +397,16 @@ def factorize_linears(
         `FactorizeReport` with a row per selected layer and the model's parameter totals.
     """
     _validate_rank_args(rank, energy, ratio)
-    include_fn = _as_predicate(include, "include")
-    exclude_fn = _as_predicate(exclude, "exclude")
+    include_fn = name_predicate(include, "include")
+    exclude_fn = name_predicate(exclude, "exclude")
     if forward_fn is None:
 
         def forward_fn(m: nn.Module, batch: Any) -> Any:
             return m(batch)
 
-    # Every (parent, attribute) that references each Linear; first-seen name per module.
-    refs: dict[int, list[tuple[nn.Module, str]]] = {}
-    first_name: dict[int, str] = {}
-    linears: dict[int, nn.Linear] = {}
-    seen_refs: set[tuple[int, str]] = set()
-    mha_owned: set[int] = set()
-    for parent_name, parent in model.named_modules(remove_duplicate=False):
-        for attr, child in parent._modules.items():
-            if not isinstance(child, nn.Linear):
-                continue
-            key = id(child)
-            if (id(parent), attr) not in seen_refs:
-                seen_refs.add((id(parent), attr))
-                refs.setdefault(key, []).append((parent, attr))
-            if key not in first_name:
-                first_name[key] = f"{parent_name}.{attr}" if parent_name else attr
-                linears[key] = child
-            if isinstance(parent, nn.MultiheadAttention):
-                mha_owned.add(key)
-
-    # How many distinct modules own each parameter (tied weights are owned by several).
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module._parameters.values():
-            if p is not None:
-                owners[id(p)] = owners.get(id(p), 0) + 1
+    index = index_linears(model)
+    refs, first_name, linears = index.refs, index.first_name, index.linears
+    mha_owned, owners = index.mha_owned, index.owners
 
     report = FactorizeReport(params_before=_count_params(model))
     todo: list[tuple[nn.Linear, LayerReport, int | None]] = []  # (layer, row, rank or None)
