@@ -6,6 +6,7 @@ BIN="${LRKERNELS_VENV:-$ROOT/.venv}/bin"
 cd "$ROOT"
 "$BIN/ruff" check .
 "$BIN/ruff" format --check .
-mapfile -t cxx < <(git ls-files 'csrc/*.cpp' 'csrc/*.h' 'csrc/*.cu' 'csrc/*.cuh' 'cpp_tests/*.cpp')
+mapfile -t cxx < <(git ls-files 'csrc/*.cpp' 'csrc/*.h' 'csrc/*.cu' 'csrc/*.cuh' 'cpp_tests/*.cpp' \
+  'tests/*.cpp' 'tests/*.h')
 "$BIN/clang-format" --dry-run -Werror "${cxx[@]}"
 echo "lint: clean"

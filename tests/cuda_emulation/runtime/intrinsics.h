@@ -1,0 +1,41 @@
+// Device intrinsics the kernels call, on the host (mapped by prelude.h). Exact: bit casts,
+// __byte_perm, single IEEE roundings (__fmul_rn etc.; the build uses -ffp-contract=off so that
+// nothing else fuses). __ldg is a plain load: there is no read-only cache to model.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "emu.h"
+
+namespace emu {
+
+template <class T>
+T ldg(const T* p) {
+  return *p;
+}
+inline float uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline unsigned float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+// Single IEEE operations, round to nearest (the build uses -ffp-contract=off).
+inline float fmul_rn(float a, float b) { return a * b; }
+inline float fadd_rn(float a, float b) { return a + b; }
+inline float fsub_rn(float a, float b) { return a - b; }
+// Byte i of the result is byte (s >> 4i) & 7 of the 8-byte value {y:x}.
+inline unsigned byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t v = (static_cast<uint64_t>(y) << 32) | x;
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i)
+    r |= static_cast<unsigned>((v >> (8 * ((s >> (4 * i)) & 7))) & 0xff) << (8 * i);
+  return r;
+}
+[[noreturn]] inline void trap() { device_fatal("__trap()"); }
+
+}  // namespace emu

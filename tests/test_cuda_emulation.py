@@ -1,0 +1,366 @@
+"""The CUDA kernels of csrc/cuda run on the CPU under an emulation of the CUDA execution model
+(tests/cuda_emulation/README.md): each kernel file is rewritten from its current source, compiled
+by g++ with AddressSanitizer + UBSan (and ThreadSanitizer in smaller runs), and every output is
+compared with a float64 reference. No GPU needed; this is what tests the kernels' indexing,
+bounds, barriers and fragment layouts in CI.
+
+Emulated: every thread of every block, barriers and warp collectives (divergence and deadlock
+are reported), NaN-filled shared memory with ASan redzones, launch and shared-memory limits,
+wmma alignment rules, the lane layouts of ldmatrix / mma.sync. Not emulated: the lane layout of
+wmma fragments, timing and hardware scheduling, the memory model beyond barrier ordering
+(caches, fences, atomics), bank conflicts, registers and occupancy.
+
+Cases are driver lines (key=value, see tests/cuda_emulation/drivers/). dist=int cases use small
+integers, for which every intermediate is exact, so they must match the reference exactly;
+dist=real cases use a tolerance of a few units in the last place of the dtype. A sweep draws
+fresh random cases from the run's seed (LRKERNELS_TEST_SEED, see conftest.py); a failing line
+can be replayed by piping it into the binary named in the failure message.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from itertools import cycle
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_emulation import build as emu_build  # noqa: E402
+from cuda_emulation import generate  # noqa: E402
+
+# Leak checking is off: the kernels allocate nothing, and LeakSanitizer needs ptrace, which some
+# CI containers forbid.
+SANITIZER_ENV = {
+    "ASAN_OPTIONS": "halt_on_error=1:detect_leaks=0",
+    "UBSAN_OPTIONS": "print_stacktrace=1",
+    "TSAN_OPTIONS": "halt_on_error=1",
+}
+
+_binaries: dict[tuple[str, str], Path] = {}
+
+
+def binary(family: str, sanitizer: str) -> Path:
+    """The family's emulation binary (built once per session, cached on disk by build.py)."""
+    key = (family, sanitizer)
+    if key not in _binaries:
+        try:
+            _binaries[key] = emu_build.build(family, sanitizer)
+        except emu_build.BuildUnavailable as e:
+            pytest.skip(str(e))
+    return _binaries[key]
+
+
+def run_binary(exe: Path, stdin: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs an emulation binary. GCC 12's TSan cannot start under the high ASLR entropy of some
+    recent kernels ("unexpected memory mapping"); it is then rerun with ASLR off (setarch -R)."""
+    env = {**os.environ, **SANITIZER_ENV}
+    cmd = [str(exe)]
+    for _ in range(2):
+        proc = subprocess.run(
+            cmd, input=stdin, capture_output=True, text=True, env=env, timeout=timeout
+        )
+        if "unexpected memory mapping" not in proc.stderr or not shutil.which("setarch"):
+            break
+        cmd = ["setarch", os.uname().machine, "-R", str(exe)]
+    return proc
+
+
+def run_cases(exe: Path, cases: list[str], timeout: float = 600) -> None:
+    """Runs the cases through the binary; fails with every failing case, or with the case that
+    crashed (sanitizer report, deadlock) and the end of stderr."""
+    proc = run_binary(exe, "\n".join(cases) + "\n", timeout)
+    results = [ln for ln in proc.stdout.splitlines() if ln.startswith(("ok ", "FAIL "))]
+    failed = [ln for ln in results if ln.startswith("FAIL ")]
+    msg = []
+    if failed:
+        msg.append(f"{len(failed)} of {len(cases)} cases failed:\n" + "\n".join(failed[:20]))
+    if proc.returncode != 0 and len(results) < len(cases):
+        msg.append(f"crashed (exit {proc.returncode}) in case: {cases[len(results)]}")
+        msg.append("stderr (end):\n" + proc.stderr[-5000:])
+    elif proc.returncode != 0 and not failed:
+        msg.append(f"exit {proc.returncode} after all cases:\n{proc.stderr[-5000:]}")
+    if msg:
+        msg.append(f"replay: echo '<case>' | {exe}")
+        pytest.fail("\n".join(msg), pytrace=False)
+
+
+# ------------------------------------------------------------------------------------ low-rank
+
+# (M, in, out, rank) + extra keys. gemv: several splits of `in`, scalar paths (misaligned or odd
+# lengths), two or three row chunks (M > 16), several x tiles and rank chunks (rank > 512 at
+# M = 16), the 16-bit fallback for rank > 512.
+LOWRANK_GEMV = [
+    "M=1 in=45 out=29 rank=7",
+    "M=1 in=4096 out=64 rank=16",
+    "M=1 in=4099 out=64 rank=16 mis=xUVby",
+    "M=3 in=1000 out=33 rank=9 bias=0",
+    "M=16 in=1500 out=40 rank=600 sms=8",
+    "M=16 in=64 out=40 rank=600 sms=8 mis=U",
+    "M=17 in=45 out=29 rank=7",
+    "M=37 in=45 out=29 rank=7 mis=xy",
+    "M=40 in=9 out=70 rank=33 bias=0",
+    "M=5 in=1 out=1 rank=1",
+    "M=2 in=8 out=8 rank=8",
+    "M=20 in=300 out=50 rank=1100",
+    "M=33 in=3000 out=20 rank=40 sms=1",
+    "M=0 in=8 out=8 rank=8",
+]
+# fused: rank 1 .. 512 (several phase-1 passes, partial last pass, opt-in shared memory), several
+# row tiles, several splits, several output tiles per split, in = 1 and 4099, scalar paths.
+LOWRANK_FUSED = [
+    "M=37 in=45 out=29 rank=7",
+    "M=37 in=45 out=29 rank=7 bias=0 mis=xUVby",
+    "M=17 in=8 out=16 rank=16 bias=0",
+    "M=17 in=1 out=1 rank=1",
+    "M=64 in=64 out=64 rank=64",
+    "M=65 in=130 out=130 rank=129 mis=V",
+    "M=130 in=40 out=200 rank=24 sms=3",
+    "M=20 in=48 out=600 rank=40 sms=3",
+    "M=20 in=48 out=300 rank=40",
+    "M=33 in=72 out=70 rank=136",
+    "M=70 in=100 out=37 rank=512",
+    "M=18 in=37 out=8 rank=500 bias=0",
+    "M=20 in=4099 out=40 rank=8 mis=y",
+    "M=0 in=8 out=8 rank=8",
+]
+# Rounded inputs (tolerance instead of exact match): long sums, rank chunks, the largest rank.
+LOWRANK_REAL = [
+    "path=gemv dtype=f32 M=1 in=4099 out=64 rank=16",
+    "path=gemv dtype=bf16 M=16 in=1500 out=40 rank=600 sms=8",
+    "path=fused dtype=f16 M=70 in=100 out=37 rank=512",
+    "path=fused dtype=bf16 M=20 in=4099 out=40 rank=8",
+]
+LOWRANK_INVALID = [
+    "path=fused dtype=f32 M=20 in=8 out=8 rank=8 expect=invalid",
+    "path=fused dtype=f16 M=20 in=8 out=8 rank=513 expect=invalid",
+    "path=gemv dtype=f16 M=2 in=0 out=8 rank=8 expect=invalid",
+]
+
+
+def lowrank_fixed() -> list[str]:
+    cases = [
+        f"path=gemv dtype={d} {c} dist=int" for d in ("f32", "f16", "bf16") for c in LOWRANK_GEMV
+    ]
+    cases += [f"path=fused dtype={d} {c} dist=int" for d in ("f16", "bf16") for c in LOWRANK_FUSED]
+    return cases + [c + " dist=real" for c in LOWRANK_REAL] + LOWRANK_INVALID
+
+
+def lowrank_sweep(rng: random.Random, n: int) -> list[str]:
+    cases = []
+    for i in range(n):
+        fused = i % 2 == 0
+        case = {
+            "path": "fused" if fused else "gemv",
+            "dtype": rng.choice(["f16", "bf16"] if fused else ["f32", "f16", "bf16"]),
+            "M": rng.choice([17, 31, 63, 64, 65, 100] if fused else [1, 2, 7, 15, 16, 17, 33]),
+            "in": rng.choice([1, 3, 8, 16, 31, 32, 33, 40, 64, 65, 96, 520]),
+            "out": rng.choice([1, 5, 8, 63, 64, 65, 127, 136, 257]),
+            "rank": rng.choice([1, 2, 8, 15, 16, 17, 31, 33, 64, 127, 128, 130, 257]),
+            "bias": rng.randrange(2),
+            "sms": rng.choice([1, 2, 5, 132]),
+            "mis": rng.choice(["-", "-", "xUVby", "x", "U", "y"]),
+            "dist": rng.choice(["int", "real"]),
+            "seed": rng.randrange(2**31),
+        }
+        cases.append(" ".join(f"{k}={v}" for k, v in case.items()))
+    return cases
+
+
+# Small shapes that still reach every barrier-separated phase (tiles, chunks, passes, splits).
+LOWRANK_TSAN = [
+    "path=gemv dtype=f16 M=1 in=1100 out=40 rank=9",
+    "path=gemv dtype=bf16 M=17 in=45 out=29 rank=7 mis=xUVby",
+    "path=gemv dtype=f32 M=16 in=600 out=8 rank=520 sms=1",
+    "path=fused dtype=f16 M=17 in=70 out=130 rank=136 sms=1",
+    "path=fused dtype=bf16 M=65 in=40 out=20 rank=24 mis=xUVby",
+]
+
+
+def test_lowrank_asan_fixed():
+    run_cases(binary("lowrank", "asan"), lowrank_fixed())
+
+
+def test_lowrank_asan_sweep():
+    run_cases(binary("lowrank", "asan"), lowrank_sweep(random.Random(random.randrange(2**31)), 24))
+
+
+def test_lowrank_tsan():
+    run_cases(binary("lowrank", "tsan"), [c + " dist=int" for c in LOWRANK_TSAN])
+
+
+# ---------------------------------------------------------------------------------------- int8
+
+INT8_GROUPS = [(0, 45), (0, 129), (32, 96), (64, 192), (128, 256)]  # (group, K): odd K per channel
+
+
+def int8_paths() -> set[str]:
+    kernels = emu_build.available_kernels("int8")
+    return {p for p, k in (("gemv", "int8_gemv.cu"), ("tc", "int8_gemm_tc.cu")) if k in kernels}
+
+
+def int8_fixed(paths: set[str]) -> list[str]:
+    cases = []
+    if "gemv" in paths:  # every dtype; M = 1, 2, 5 (row-chunk templates), 16, 17, 37 (chunks)
+        ms = cycle([1, 16, 17, 37, 2, 5])
+        for d in ("f32", "f16", "bf16"):
+            for direction in ("fwd", "tr"):
+                for (g, k), n in zip(INT8_GROUPS, cycle([37, 70, 33])):
+                    cases.append(
+                        f"path=gemv dtype={d} dir={direction} M={next(ms)} N={n} K={k} group={g}"
+                    )
+        cases += [  # splits of the reduction, scalar int8 loads, misaligned everything
+            "path=gemv dtype=f16 dir=fwd M=1 N=64 K=4096 group=128",
+            "path=gemv dtype=bf16 dir=fwd M=3 N=40 K=4099",
+            "path=gemv dtype=f16 dir=tr M=1 N=700 K=64 group=32",
+            "path=gemv dtype=f32 dir=tr M=2 N=300 K=45 sms=8",
+            "path=gemv dtype=f16 dir=fwd M=5 N=37 K=256 group=64 mis=q",
+            "path=gemv dtype=bf16 dir=tr M=9 N=37 K=256 group=32 mis=aqsby",
+            "path=gemv dtype=bf16 dir=fwd M=16 N=64 K=4096 group=64 sms=1",  # 8 k tiles
+            "path=gemv dtype=f16 dir=tr M=16 N=1100 K=512 group=128 sms=1",  # 3 row tiles
+            "path=gemv dtype=f16 dir=fwd M=0 N=8 K=32",
+        ]
+    if "tc" in paths:  # 16-bit dtypes; 64- and 128-row tiles, several tiles, scalar paths
+        ms = cycle([1, 16, 17, 37])
+        for d in ("f16", "bf16"):
+            for direction in ("fwd", "tr"):
+                for (g, k), n in zip(INT8_GROUPS, cycle([37, 70, 136])):
+                    cases.append(
+                        f"path=tc dtype={d} dir={direction} M={next(ms)} N={n} K={k} group={g}"
+                    )
+        cases += [
+            "path=tc dtype=f16 dir=fwd M=130 N=200 K=96 group=32 sms=1",
+            "path=tc dtype=bf16 dir=tr M=130 N=96 K=200 sms=1",
+            "path=tc dtype=f16 dir=fwd M=40 N=64 K=128 group=64 mis=aqsby",
+            "path=tc dtype=bf16 dir=tr M=20 N=45 K=64 mis=aqsy",
+            "path=tc dtype=f16 dir=fwd M=0 N=8 K=32",
+            "path=tc dtype=f32 dir=fwd M=20 N=8 K=32 expect=invalid",
+        ]
+    real = [  # rounded inputs (tolerance instead of exact match)
+        ("gemv", "dtype=f32 dir=fwd M=3 N=40 K=4099"),
+        ("gemv", "dtype=bf16 dir=tr M=16 N=300 K=128 group=64"),
+        ("tc", "dtype=f16 dir=fwd M=37 N=70 K=256 group=128"),
+        ("tc", "dtype=bf16 dir=tr M=40 N=96 K=45"),
+    ]
+    cases += [f"path={p} {c} dist=real" for p, c in real if p in paths]
+    invalid = [
+        "dtype=f16 dir=fwd M=2 N=8 K=96 group=48 expect=invalid",
+        "dtype=f16 dir=tr M=2 N=8 K=96 bias=1 expect=invalid",
+    ]
+    cases += [f"path={p} {c}" for p in sorted(paths) for c in invalid]
+    return [c if "dist=" in c else c + " dist=int" for c in cases]
+
+
+def int8_sweep(paths: set[str], rng: random.Random, n: int) -> list[str]:
+    cases = []
+    for _ in range(n):
+        path = rng.choice(sorted(paths))
+        g = rng.choice([0, 0, 32, 64, 128])
+        kdim = rng.choice([1, 15, 45, 129, 300]) if g == 0 else g * rng.choice([1, 2, 3, 5])
+        case = {
+            "path": path,
+            "dtype": rng.choice(["f16", "bf16"] if path == "tc" else ["f32", "f16", "bf16"]),
+            "dir": rng.choice(["fwd", "tr"]),
+            "M": rng.choice(
+                [1, 2, 3, 8, 16, 17, 37] if path == "gemv" else [1, 16, 17, 37, 64, 70]
+            ),
+            "N": rng.choice([1, 7, 33, 64, 100, 257]),
+            "K": kdim,
+            "group": g,
+            "sms": rng.choice([1, 3, 132]),
+            "mis": rng.choice(["-", "-", "aqsby", "q", "y"]),
+            "dist": rng.choice(["int", "real"]),
+            "seed": rng.randrange(2**31),
+        }
+        case["bias"] = rng.randrange(2) if case["dir"] == "fwd" else 0
+        cases.append(" ".join(f"{k}={v}" for k, v in case.items()))
+    return cases
+
+
+INT8_TSAN = [
+    "path=gemv dtype=f16 dir=fwd M=3 N=40 K=1120 group=32",
+    "path=gemv dtype=bf16 dir=fwd M=17 N=33 K=45 mis=aqsby",
+    "path=gemv dtype=f32 dir=tr M=5 N=300 K=64 group=64 sms=4",
+    "path=gemv dtype=f16 dir=tr M=16 N=40 K=45",
+    "path=tc dtype=f16 dir=fwd M=20 N=40 K=96 group=32",
+    "path=tc dtype=bf16 dir=tr M=17 N=45 K=40 mis=aqsy",
+]
+
+
+def test_int8_asan_fixed():
+    paths = int8_paths()
+    if not paths:
+        pytest.skip("no int8 kernel sources")
+    run_cases(binary("int8", "asan"), int8_fixed(paths))
+
+
+def test_int8_asan_sweep():
+    paths = int8_paths()
+    if not paths:
+        pytest.skip("no int8 kernel sources")
+    run_cases(binary("int8", "asan"), int8_sweep(paths, random.Random(random.randrange(2**31)), 24))
+
+
+def test_int8_tsan():
+    paths = int8_paths()
+    cases = [c + " dist=int" for c in INT8_TSAN if c.split()[0][len("path=") :] in paths]
+    if not cases:
+        pytest.skip("no int8 kernel sources")
+    run_cases(binary("int8", "tsan"), cases)
+
+
+# ------------------------------------------------------------------------- the harness itself
+
+
+def test_generator_rewrites_launches_shared_memory_and_ptx():
+    src = """
+    __global__ void k(float* p) {
+      __shared__ __align__(16) float tile[2][kN];  // a comment with __shared__ and <<<
+      extern __shared__ __align__(128) unsigned char dyn[];
+      uint32_t r;
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\\n"
+                   : "=r"(r), "=r"(r), "=r"(r), "=r"(r) : "r"(0u) : "memory");
+      asm volatile("" ::: "memory");
+    }
+    void go(float* p, cudaStream_t s) {
+      k<T, (1 > 0)>
+          <<<dim3(2, 3), 256, 0, s>>>(p);
+    }
+    """
+    out = generate.rewrite(src, "/x/k.cu")
+    body = out.split('#line 1 "/x/k.cu"\n', 1)[1]
+    assert body.count("\n") == src.count("\n"), "line numbers must be preserved"
+    assert "auto& tile = emu::static_shared<float[2][kN]>(0, 16);" in body
+    assert "unsigned char* dyn = reinterpret_cast<unsigned char*>(emu::dynamic_shared());" in body
+    assert "emu::ptx::ldmatrix_x4<false>(r, r, r, r, 0u);" in body
+    assert (
+        'emu::launch("k<T, (1 > 0)>", k<T, (1 > 0)>, emu::config(dim3(2, 3), 256, 0, s), p);'
+        in body
+    )
+    assert "std::atomic_signal_fence(std::memory_order_seq_cst);" in body
+    assert "a comment with __shared__ and <<<" in body
+    with pytest.raises(generate.GenerateError, match="not emulated"):
+        generate.rewrite('void f() { asm("bar.sync 0;"); }', "f.cu")
+
+
+def test_emulation_catches_a_missing_barrier():
+    """The tests can fail: a copy of lowrank_gemv.cu without the barrier between staging x in
+    shared memory and reading it must be reported (ThreadSanitizer: data race). The copy lives
+    in the build cache, so its object is compiled once, not on every run."""
+    mutated = emu_build.cache_dir() / "mutant" / "csrc"
+    shutil.copytree(emu_build.source_dir(), mutated, dirs_exist_ok=True)
+    gemv = mutated / "lowrank_gemv.cu"
+    text = (emu_build.source_dir() / "lowrank_gemv.cu").read_text()
+    site = re.search(r"xs\[m \* width \+ c\] = [^;]*;\s*\}\s*(__syncthreads\(\);)", text)
+    assert site, "mutation site (barrier after staging x in the down kernel) moved: update"
+    gemv.write_text(text[: site.start(1)] + ";" + text[site.end(1) :])
+    binary("lowrank", "tsan")  # skips without a toolchain; shares its cached objects
+    exe = emu_build.build("lowrank", "tsan", src_dir=mutated)
+    proc = run_binary(exe, "path=gemv dtype=f16 M=2 in=64 out=8 rank=8 dist=int\n")
+    assert proc.returncode != 0, "the missing barrier went unnoticed"
+    assert "ThreadSanitizer: data race" in proc.stderr, proc.stderr[-3000:]
