@@ -21,6 +21,8 @@ PYEOF
 )"
   [ -n "$nvrtc" ] && [ ! -e "$cuda/lib64/libnvrtc.so" ] && args+=(-DCUDA_nvrtc_LIBRARY="$nvrtc")
 fi
-cmake -S "$ROOT" -B "$BUILD" "${args[@]}" >"$BUILD.log" 2>&1 || { cat "$BUILD.log"; exit 1; }
-cmake --build "$BUILD" -j "$(nproc)" >>"$BUILD.log" 2>&1 || { tail -50 "$BUILD.log"; exit 1; }
+mkdir -p "$BUILD"
+LOG="$BUILD/lrkernels-build.log"
+cmake -S "$ROOT" -B "$BUILD" "${args[@]}" >"$LOG" 2>&1 || { cat "$LOG"; exit 1; }
+cmake --build "$BUILD" -j "$(nproc)" >>"$LOG" 2>&1 || { tail -50 "$LOG"; exit 1; }
 ctest --test-dir "$BUILD" --output-on-failure

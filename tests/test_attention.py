@@ -237,6 +237,26 @@ def test_torch_compile_fullgraph(backend):
     assert torch.isfinite(q1.grad).all()
 
 
+@pytest.mark.slow
+def test_local_attention_compiles_fullgraph_and_matches_eager():
+    """While compiling, local_attention builds its layout with static shapes; that layout must
+    describe the same attention as the eager builder's."""
+    q, k, v = make_qkv(1, 2, 1, 150, 170, 32, torch.float32, "cpu")
+    skip_unless_runs(OP, "cpu", q, k, v, masks.causal_layout(150, 170, block_q=64, block_k=64))
+    from lrkernels.ops.attention import _static_window_layout
+
+    for window in [(40, 0), (-1, 0), (30, 20), (-1, -1), (70, -1)]:
+        static = _static_window_layout(150, 170, *window, 64, "cpu")
+        eager = masks.local_window_layout(150, 170, window, block_q=64, block_k=64)
+        for which in ("partial", "full"):
+            assert torch.equal(static.dense_block_mask(which), eager.dense_block_mask(which))
+
+    def f(q, k, v):
+        return lrkernels.local_attention(q, k, v, (40, 0), backend="cpu", block_size=64)
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v))
+
+
 # ------------------------------------------------------------------------------- errors
 
 

@@ -234,12 +234,44 @@ def _cached_window_layout(sq, sk, left, right, block_size, device):
 
 
 def _window_layout(sq, sk, left, right, block_size, device):
-    """Window layouts are small (O(blocks)) but cost a few launches to build: cache them."""
+    """Window layouts are small (O(blocks)) but cost a few launches to build: cache them.
+    While compiling, build them with static shapes instead (the eager builder sizes its lists
+    from the data, which torch.compile cannot trace)."""
     if torch.compiler.is_compiling():
-        return masks.local_window_layout(
-            sq, sk, (left, right), block_q=block_size, block_k=block_size
-        ).to(device)
+        return _static_window_layout(sq, sk, left, right, block_size, device)
     return _cached_window_layout(sq, sk, left, right, block_size, torch.device(device))
+
+
+def _pack_static(listed: Tensor) -> tuple[Tensor, Tensor]:
+    """Left-packed (counts, indices) of a bool (..., NQB, NKB) block matrix, width NKB."""
+    nkb = listed.shape[-1]
+    kb = torch.arange(nkb, device=listed.device, dtype=torch.int32)
+    keys = torch.where(listed, kb, torch.full_like(kb, nkb)).sort(dim=-1).values
+    return listed.sum(-1, dtype=torch.int32), keys.clamp_max(max(nkb - 1, 0)).contiguous()
+
+
+def _static_window_layout(sq, sk, left, right, block_size, device) -> masks.BlockLayout:
+    """The window layout of `masks.local_window_layout` (same full and partial blocks), with
+    lists of static width NKB: O(NQB·NKB) booleans, blocks² and never elements."""
+    nqb, nkb, o = -(-sq // block_size), -(-sk // block_size), sk - sq
+    i0 = torch.arange(nqb, device=device).unsqueeze(1) * block_size
+    i1 = (i0 + block_size).clamp_max(sq) - 1
+    k0 = torch.arange(nkb, device=device).unsqueeze(0) * block_size
+    k1 = (k0 + block_size).clamp_max(sk) - 1
+    yes = torch.ones(nqb, nkb, dtype=torch.bool, device=device)
+    touched = (k1 >= i0 + o - left if left >= 0 else yes) & (
+        k0 <= i1 + o + right if right >= 0 else yes
+    )
+    full = (k0 >= i1 + o - left if left >= 0 else yes) & (
+        k1 <= i0 + o + right if right >= 0 else yes
+    )
+    counts, indices = _pack_static((touched & ~full)[None, None])
+    full_counts, full_indices = _pack_static((touched & full)[None, None])
+    return masks.BlockLayout(
+        q_len=sq, kv_len=sk, block_q=block_size, block_k=block_size, kv_num_blocks=counts,
+        kv_indices=indices, full_kv_num_blocks=full_counts, full_kv_indices=full_indices,
+        window=(left, right),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- torch ops
