@@ -257,6 +257,22 @@ def test_local_attention_compiles_fullgraph_and_matches_eager():
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v))
 
 
+def test_sparse_attention_module():
+    q, k, v = make_qkv(1, 2, 1, 40, 40, 32, torch.float32, "cpu")
+    mod = lrkernels.nn.SparseAttention((10, 0), block_size=16, backend="torch")
+    want = lrkernels.local_attention(q, k, v, (10, 0), block_size=16, backend="torch")
+    torch.testing.assert_close(mod(q, k, v), want)
+    layout = masks.causal_layout(40, 40, block_q=16, block_k=16)
+    mod = lrkernels.nn.SparseAttention(layout=layout, backend="torch")
+    torch.testing.assert_close(
+        mod(q, k, v),
+        lrkernels.local_attention(q, k, v, causal=True, block_size=16, backend="torch"),
+    )
+    assert "layout" in repr(mod)
+    with pytest.raises(ValueError, match="exactly one"):
+        lrkernels.nn.SparseAttention((4, 0), layout=layout)
+
+
 # ------------------------------------------------------------------------------- errors
 
 
