@@ -1,4 +1,4 @@
-"""Tests of lrkernels.int8_nn: the Int8Linear module and the quantize_linears converter.
+"""Tests of lrkernels.nn.int8: the Int8Linear module and the quantize_linears converter.
 
 Module tests pin ``backend="torch"`` so they test the module, not the kernels (those are
 tested against the same reference in the op's own tests)."""
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrkernels.int8_nn import Int8LayerReport, Int8Linear, QuantizeReport, quantize_linears
+from lrkernels.nn import Int8LayerReport, Int8Linear, QuantizeReport, quantize_linears
 from lrkernels.quant import dequantize, quantize, search_clip_ratio
 
 F64 = torch.float64

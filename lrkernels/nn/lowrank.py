@@ -1,4 +1,4 @@
-"""Low-rank linear modules and model converters.
+"""Low-rank linear modules and model converters (re-exported by `lrkernels.nn`).
 
 - `LowRankLinear`: ``y = x · (U·V)ᵀ + bias`` with ``U`` (out, rank) and ``V`` (rank, in),
   computed by `lrkernels.lowrank_linear` without forming ``U·V``.
@@ -21,8 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
-from ._model_walk import NameFilter, index_linears, name_predicate
-from .factorize import (
+from ..factorize import (
     DEFAULT_DAMPING,
     GramAccumulator,
     _validate_rank_args,
@@ -30,19 +29,9 @@ from .factorize import (
     relative_output_error,
     select_rank,
 )
-from .int8_nn import Int8LayerReport, Int8Linear, QuantizeReport, quantize_linears
+from ._walk import NameFilter, index_linears, name_predicate
 
-__all__ = [
-    "FactorizeReport",
-    "Int8LayerReport",
-    "Int8Linear",
-    "LayerReport",
-    "LowRankLinear",
-    "QuantizeReport",
-    "SparseAttention",
-    "factorize_linears",
-    "quantize_linears",
-]
+__all__ = ["FactorizeReport", "LayerReport", "LowRankLinear", "factorize_linears"]
 
 
 class LowRankLinear(nn.Module):
@@ -129,7 +118,7 @@ class LowRankLinear(nn.Module):
             init.uniform_(self.bias, -bound_v, bound_v)
 
     def forward(self, input: Tensor) -> Tensor:
-        from .ops.lowrank import lowrank_linear
+        from ..ops.lowrank import lowrank_linear
 
         return lowrank_linear(input, self.U, self.V, self.bias, backend=self.backend)
 
@@ -511,49 +500,3 @@ def factorize_linears(
 
     report.params_after = _count_params(model)
     return report
-
-
-class SparseAttention(nn.Module):
-    """Softmax attention over a sliding window or a fixed block layout, as a module.
-
-    ``SparseAttention(window=(511, 0))`` calls `lrkernels.local_attention`;
-    ``SparseAttention(layout=masks.bigbird_layout(...))`` calls
-    `lrkernels.block_sparse_attention` with that layout (moved to the inputs' device once and
-    kept). ``forward(q, k, v)`` takes ``(B, Hq, S, D)`` and ``(B, Hkv, S, D)`` tensors and returns
-    ``(B, Hq, S, D)``. No parameters: the projections stay in the user's model.
-    """
-
-    def __init__(
-        self,
-        window: tuple[int, int] | None = None,
-        *,
-        causal: bool = False,
-        layout=None,
-        scale: float | None = None,
-        block_size: int = 128,
-        backend: str | None = None,
-    ) -> None:
-        super().__init__()
-        if (window is None) == (layout is None) and not (causal and layout is None):
-            raise ValueError(
-                "SparseAttention: give exactly one of window (or causal=True) or layout"
-            )
-        self.window = tuple(window) if window is not None else ((-1, 0) if layout is None else None)
-        self.causal, self.layout, self.scale = causal, layout, scale
-        self.block_size, self.backend = block_size, backend
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        from .ops.attention import block_sparse_attention, local_attention
-
-        if self.layout is None:
-            return local_attention(
-                q, k, v, self.window, causal=self.causal, scale=self.scale,
-                backend=self.backend, block_size=self.block_size,
-            )  # fmt: skip
-        if self.layout.device != q.device:
-            self.layout = self.layout.to(q.device)
-        return block_sparse_attention(q, k, v, self.layout, scale=self.scale, backend=self.backend)
-
-    def extra_repr(self) -> str:
-        what = f"window={self.window}" if self.layout is None else f"layout={self.layout!r}"
-        return f"{what}, causal={self.causal}, block_size={self.block_size}"

@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._model_walk import NameFilter, index_linears, name_predicate
-from .factorize import GramAccumulator
-from .quant import (
+from ..factorize import GramAccumulator
+from ..quant import (
     SCALE_DTYPES,
     dequantize,
     group_size_of,
@@ -36,6 +35,7 @@ from .quant import (
     quantize,
     search_clip_ratio,
 )
+from ._walk import NameFilter, index_linears, name_predicate
 
 __all__ = ["Int8LayerReport", "Int8Linear", "QuantizeReport", "quantize_linears"]
 
@@ -134,7 +134,7 @@ class Int8Linear(nn.Module):
         return self.scales.dtype
 
     def forward(self, input: Tensor) -> Tensor:
-        from .ops.int8 import int8_linear
+        from ..ops.int8 import int8_linear
 
         return int8_linear(
             input,

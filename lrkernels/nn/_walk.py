@@ -1,5 +1,5 @@
 """Finding the nn.Linear layers of a model to replace: shared by the model-level converters
-(`lrkernels.nn.factorize_linears`, `lrkernels.nn.quantize_linears`)."""
+(`lrkernels.nn.factorize_linears`, `lrkernels.nn.quantize_linears`, ...)."""
 
 from __future__ import annotations
 
