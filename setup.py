@@ -114,7 +114,7 @@ setup(
     packages=find_packages(include=["lrkernels", "lrkernels.*"]) + ["lrkernels.triton_kernels"],
     package_dir={"lrkernels.triton_kernels": "triton_kernels"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6", "numpy"],
+    install_requires=["torch>=2.11", "numpy", "safetensors"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

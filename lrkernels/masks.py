@@ -1013,16 +1013,24 @@ def to_flex_block_mask(layout: BlockLayout, *, exact_mask_mod: bool | None = Non
     mask_mod.lrkernels_window = win
     mask_mod.lrkernels_uses_table = bool(exact_mask_mod)
     t = layout.transposed()
+    # FlexAttention's own lists are as wide as the other side's block count, and torch < 2.13
+    # relies on it (its list-to-dense conversion writes one slot past the width: our trimmed
+    # lists make it index out of bounds). Pad to that width; the entries past the counts are 0.
+    nqb, nkb = layout.num_q_blocks, layout.num_kv_blocks
+
+    def wide(indices, width):
+        return None if indices is None else _fit_width(indices, width).contiguous()
+
     return BlockMask(
         seq_lengths=(layout.q_len, layout.kv_len),
         kv_num_blocks=layout.kv_num_blocks,
-        kv_indices=layout.kv_indices,
+        kv_indices=wide(layout.kv_indices, nkb),
         full_kv_num_blocks=layout.full_kv_num_blocks,
-        full_kv_indices=layout.full_kv_indices,
+        full_kv_indices=wide(layout.full_kv_indices, nkb),
         q_num_blocks=t.q_num_blocks,
-        q_indices=t.q_indices,
+        q_indices=wide(t.q_indices, nqb),
         full_q_num_blocks=t.full_q_num_blocks,
-        full_q_indices=t.full_q_indices,
+        full_q_indices=wide(t.full_q_indices, nqb),
         BLOCK_SIZE=(layout.block_q, layout.block_k),
         mask_mod=mask_mod,
     )

@@ -658,10 +658,13 @@ def test_flex_round_trip(name, layout, batch, heads):
     assert back.window == layout.window
     back = masks.from_flex_block_mask(bm, window=(-1, -1))
     assert back.window == (-1, -1)
-    # FlexAttention's own dense transpose agrees with ours.
+    # FlexAttention's own dense transpose agrees with ours. (Its lists are as wide as the block
+    # count, which torch < 2.13 requires: the BlockMask's kv lists are padded to that width.)
+    assert bm.kv_indices.shape[-1] == layout.num_kv_blocks
+    assert bm.q_indices.shape[-1] == layout.num_q_blocks
     ref = flex.BlockMask.from_kv_blocks(
-        layout.kv_num_blocks, layout.kv_indices, layout.full_kv_num_blocks,
-        layout.full_kv_indices, BLOCK_SIZE=(layout.block_q, layout.block_k),
+        bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks,
+        bm.full_kv_indices, BLOCK_SIZE=(layout.block_q, layout.block_k),
         seq_lengths=(layout.q_len, layout.kv_len),
     )  # fmt: skip
     t = layout.transposed()

@@ -75,6 +75,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launchable
+
 __all__ = [
     "choose_config",
     "launch_block_sparse_attention_bwd",
@@ -1251,7 +1253,7 @@ def launch_block_sparse_attention_fwd(
         interpret,
     )
     grid = (_cdiv(Sq, block_m), Hq, B)
-    torch.library.wrap_triton(_attn_fwd_kernel)[grid](
+    launchable(_attn_fwd_kernel)[grid](
         q,
         k,
         v,
@@ -1401,7 +1403,7 @@ def launch_block_sparse_attention_bwd(
     # float32: exact IEEE products; 16-bit: "tf32" is Triton's default (ignored for them).
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
 
-    torch.library.wrap_triton(_attn_bwd_preprocess_kernel)[(_cdiv(Sq, _PRE_BLOCK_M), Hq, B)](
+    launchable(_attn_bwd_preprocess_kernel)[(_cdiv(Sq, _PRE_BLOCK_M), Hq, B)](
         out,
         dout,
         delta,
@@ -1417,7 +1419,7 @@ def launch_block_sparse_attention_bwd(
     )
 
     cfg = dkdv_config
-    torch.library.wrap_triton(_attn_bwd_dkdv_kernel)[(_cdiv(Sk, cfg["BLOCK_N"]), Hkv, B)](
+    launchable(_attn_bwd_dkdv_kernel)[(_cdiv(Sk, cfg["BLOCK_N"]), Hkv, B)](
         q,
         k,
         v,
@@ -1463,7 +1465,7 @@ def launch_block_sparse_attention_bwd(
     )
 
     cfg = dq_config
-    torch.library.wrap_triton(_attn_bwd_dq_kernel)[(_cdiv(Sq, cfg["BLOCK_M"]), Hq, B)](
+    launchable(_attn_bwd_dq_kernel)[(_cdiv(Sq, cfg["BLOCK_M"]), Hq, B)](
         q,
         k,
         v,

@@ -59,6 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launchable
+
 __all__ = ["choose_config", "launch_int8_linear", "launch_int8_linear_grad_input"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -605,7 +607,7 @@ def _launch_reduce(
     block_m = min(16, _next_pow2(M))
     block_c = min(256, _next_pow2(C))
     grid = (_cdiv(M, block_m), _cdiv(C, block_c))
-    torch.library.wrap_triton(_split_reduce_kernel)[grid](
+    launchable(_split_reduce_kernel)[grid](
         ws,
         out if bias is None else bias,  # dummy pointer when there is no bias
         out,
@@ -679,7 +681,7 @@ def launch_int8_linear(
         dest_strides = (0, out.stride(0), out.stride(1))
     stride_sn, stride_sg = _scale_strides(scales)
     grid = (_cdiv(M, block_m), _cdiv(N, block_n), split)
-    torch.library.wrap_triton(_int8_linear_fwd_kernel)[grid](
+    launchable(_int8_linear_fwd_kernel)[grid](
         x2d,
         qweight,
         scales,
@@ -755,7 +757,7 @@ def launch_int8_linear_grad_input(
         dest_strides = (0, out.stride(0), out.stride(1))
     stride_sn, stride_sg = _scale_strides(scales)
     grid = (_cdiv(M, block_m), _cdiv(K, block_k), split)
-    torch.library.wrap_triton(_int8_linear_grad_input_kernel)[grid](
+    launchable(_int8_linear_grad_input_kernel)[grid](
         dy2d,
         qweight,
         scales,

@@ -30,7 +30,7 @@ Design (one kernel launch, no intermediate in global memory):
 
 Configuration comes from a plain Python heuristic (:func:`choose_config`) rather than
 ``triton.autotune`` so the launch stays ``torch.compile``-friendly (the kernel is
-launched through ``torch.library.wrap_triton``) and fast under ``TRITON_INTERPRET=1``.
+launched through ``torch.library.wrap_triton``, see ``_launch.launchable``) and fast under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from ._launch import launchable
 
 __all__ = ["choose_config", "launch_lowrank_linear"]
 
@@ -561,7 +563,7 @@ def launch_lowrank_linear(
     bias_arg = out if bias is None else bias
     stride_b = 0 if bias is None else bias.stride(0)
 
-    torch.library.wrap_triton(_lowrank_linear_kernel)[grid](
+    launchable(_lowrank_linear_kernel)[grid](
         x2d,
         V,
         U,
