@@ -24,4 +24,24 @@ TORCH_LIBRARY(lrkernels, m) {
       "Tensor? full_kv_indices, Tensor q_num_blocks, Tensor q_indices, "
       "Tensor? full_q_num_blocks, Tensor? full_q_indices, int block_q, int block_k, "
       "int window_left, int window_right, float scale) -> (Tensor, Tensor, Tensor)");
+  // LoRA on a frozen base (lrkernels/ops/lora.py): y = x · Wᵀ + scale · (keep ⊙ x) · Aᵀ · Bᵀ + bias
+  // with W = weight (out, in) dense in x's dtype, or int8 dequantized with weight_scales (as
+  // int8_linear); A (r, in), B (out, r); keep = the counter-based dropout mask of (seed, row,
+  // col) (lrkernels/reference.py), none when dropout_threshold == 0. Returns y (..., out) and
+  // t = (keep ⊙ x) · Aᵀ as (M, r) in x's dtype (saved for the backward).
+  m.def(
+      "lora_linear(Tensor x, Tensor weight, Tensor? weight_scales, Tensor A, Tensor B, "
+      "Tensor? bias, float scale, int dropout_threshold=0, Tensor? seed=None) -> (Tensor, Tensor)");
+  // Its input gradient: dx (..., in) = dy · W + keep ⊙ (dt · A), dy (..., out), dt (M, r).
+  m.def(
+      "lora_linear_grad_input(Tensor dy, Tensor weight, Tensor? weight_scales, Tensor dt, "
+      "Tensor A, int dropout_threshold=0, Tensor? seed=None) -> Tensor");
+  // Its A gradient: dA (r, in) = dtᵀ · (keep ⊙ x), x (..., in), dt (M, r).
+  m.def("lora_linear_grad_A(Tensor dt, Tensor x, int dropout_threshold, Tensor seed) -> Tensor");
+  // Multi-adapter batch (serving): y[m] = x[m] · Wᵀ + s[a] · x[m] · A[a, :r_a]ᵀ · B[a, :, :r_a]ᵀ
+  // + bias, a = adapter_index[m] (int32, -1: base only); A (n, r_max, in), B (n, out, r_max),
+  // ranks int32 (n,), adapter_scales float32 (n,).
+  m.def(
+      "lora_linear_multi(Tensor x, Tensor weight, Tensor? weight_scales, Tensor A, Tensor B, "
+      "Tensor adapter_index, Tensor ranks, Tensor adapter_scales, Tensor? bias=None) -> Tensor");
 }

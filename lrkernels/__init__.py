@@ -4,11 +4,16 @@ Public API:
     lowrank_linear(x, U, V, bias=None, *, backend=None) -> y = (x·Vᵀ)·Uᵀ + bias
     int8_linear(x, qweight, scales, bias=None, *, group_size=None, backend=None)
                                                  -> y = x·dequant(qweight, scales)ᵀ + bias
+    lora_linear(x, base, A, B, bias=None, *, scale, dropout_p=0.0, backend=None)
+                                                 -> y = x·Wᵀ + scale·(drop(x)·Aᵀ)·Bᵀ + bias
+    lora_linear_multi(x, base, A, B, adapter_index, *, ranks, scales, bias=None)
+                                                 -> per-row adapters (serving)
     local_attention(q, k, v, window, *, causal=False, scale=None, return_lse=False, backend=None)
     block_sparse_attention(q, k, v, layout, *, scale=None, return_lse=False, backend=None)
     masks.local_window_layout, ..., masks.BlockLayout   block layouts (docs/attention.md)
     nn.LowRankLinear, nn.factorize_linears       low-rank modules and converters
     nn.Int8Linear, nn.quantize_linears           int8 modules and converters
+    nn.LoRALinear, nn.add_lora, nn.load_peft_adapter, ...   LoRA modules, PEFT interop
     quant.quantize / quant.dequantize            int8 weight quantization
     available_backends(), not_supported_reasons(), set_default_backend()
 """
@@ -26,6 +31,7 @@ from .backends import (  # noqa: E402
 )
 from .ops.attention import block_sparse_attention, local_attention  # noqa: E402
 from .ops.int8 import int8_linear  # noqa: E402
+from .ops.lora import lora_linear, lora_linear_multi  # noqa: E402
 from .ops.lowrank import lowrank_linear  # noqa: E402
 
 __version__ = "0.1.0"
@@ -36,6 +42,8 @@ __all__ = [
     "block_sparse_attention",
     "int8_linear",
     "local_attention",
+    "lora_linear",
+    "lora_linear_multi",
     "lowrank_linear",
     "masks",
     "nn",

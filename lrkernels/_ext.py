@@ -38,6 +38,10 @@ CPP_OPS = (
     "int8_linear_grad_input",
     "block_sparse_attention_fwd",
     "block_sparse_attention_bwd",
+    "lora_linear",
+    "lora_linear_grad_input",
+    "lora_linear_grad_A",
+    "lora_linear_multi",
 )
 KERNELS: dict[tuple[str, str], bool] = {
     (name, key): has_kernel_for(name, key) for name in CPP_OPS for key in ("CPU", "CUDA")

@@ -254,4 +254,161 @@ void check_block_sparse_attention_bwd_args(
                                              : "transposed full lists without forward ones");
 }
 
+namespace {
+
+// The LoRA base: dense (out, in) in act's dtype, or int8 with scales. `act_features` is the
+// activation's expected last dimension (in for x, out for dy). Returns -1 (dense) or the group.
+int64_t check_lora_base(const char* op, const char* act_name, const at::Tensor& act,
+                        bool transposed, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& weight_scales) {
+  TORCH_CHECK(is_supported_float(act.scalar_type()), op, ": ", act_name,
+              " must be float64, float32, float16 or bfloat16, got ", act.scalar_type());
+  TORCH_CHECK(act.dim() >= 1, op, ": ", act_name, " must have shape (..., features), got a 0-d ",
+              "tensor");
+  if (weight_scales.has_value()) {
+    const int64_t features = weight.dim() == 2 ? weight.size(transposed ? 0 : 1) : -1;
+    return check_int8_common(op, act_name, act, features, weight, *weight_scales);
+  }
+  TORCH_CHECK(weight.scalar_type() == act.scalar_type(), op, ": weight must have ", act_name,
+              "'s dtype (", act.scalar_type(), ") for a dense base (or be int8 with weight_scales)",
+              ", got ", weight.scalar_type());
+  TORCH_CHECK(weight.device() == act.device(), op, ": weight must be on ", act_name, "'s device (",
+              act.device(), "), got ", weight.device());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ",
+              weight.sizes());
+  TORCH_CHECK(weight.size(0) >= 1 && weight.size(1) >= 1, op,
+              ": weight must have out_features >= 1 and in_features >= 1, got shape ",
+              weight.sizes());
+  const int64_t features = weight.size(transposed ? 0 : 1);
+  TORCH_CHECK(act.size(-1) == features, op, ": ", act_name, "'s last dimension must be ", features,
+              " to match weight of shape ", weight.sizes(), ", got ", act.sizes());
+  return -1;
+}
+
+void check_lora_same(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
+                     const char* x_name) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have ", x_name,
+              "'s dtype (", x.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on ", x_name, "'s device (",
+              x.device(), "), got ", t.device());
+}
+
+void check_lora_dropout(const char* op, const at::Tensor& x, int64_t threshold,
+                        const std::optional<at::Tensor>& seed) {
+  TORCH_CHECK(threshold >= 0 && threshold <= 65535, op,
+              ": dropout_threshold must be in [0, 65535] (round(p * 65536)), got ", threshold);
+  if (threshold == 0) return;
+  TORCH_CHECK(seed.has_value(), op, ": dropout_threshold > 0 needs a seed tensor");
+  TORCH_CHECK(seed->scalar_type() == at::kLong && seed->numel() == 1, op,
+              ": seed must be a one-element int64 tensor, got ", seed->scalar_type(), " of shape ",
+              seed->sizes());
+  TORCH_CHECK(seed->device() == x.device(), op, ": seed must be on x's device (", x.device(),
+              "), got ", seed->device());
+}
+
+}  // namespace
+
+int64_t check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& weight_scales, const at::Tensor& A,
+                               const at::Tensor& B, const std::optional<at::Tensor>& bias,
+                               int64_t dropout_threshold, const std::optional<at::Tensor>& seed) {
+  constexpr const char* op = "lora_linear";
+  const int64_t group = check_lora_base(op, "x", x, false, weight, weight_scales);
+  const int64_t out = weight.size(0);
+  const int64_t in = weight.size(1);
+  check_lora_same(op, "A", A, x, "x");
+  check_lora_same(op, "B", B, x, "x");
+  TORCH_CHECK(A.dim() == 2 && A.size(0) >= 1 && A.size(1) == in, op, ": A must have shape (r, ", in,
+              ") with r >= 1, got ", A.sizes());
+  TORCH_CHECK(B.dim() == 2 && B.size(0) == out && B.size(1) == A.size(0), op,
+              ": B must have shape (", out, ", ", A.size(0), ") to match weight and A's rank, got ",
+              B.sizes());
+  if (bias.has_value()) {
+    check_lora_same(op, "bias", *bias, x, "x");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, op, ": bias must have shape (", out,
+                ",), got ", bias->sizes());
+  }
+  check_lora_dropout(op, x, dropout_threshold, seed);
+  return group;
+}
+
+int64_t check_lora_grad_input_args(const at::Tensor& dy, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& weight_scales,
+                                   const at::Tensor& dt, const at::Tensor& A,
+                                   int64_t dropout_threshold,
+                                   const std::optional<at::Tensor>& seed) {
+  constexpr const char* op = "lora_linear_grad_input";
+  const int64_t group = check_lora_base(op, "dy", dy, true, weight, weight_scales);
+  const int64_t in = weight.size(1);
+  check_lora_same(op, "dt", dt, dy, "dy");
+  check_lora_same(op, "A", A, dy, "dy");
+  TORCH_CHECK(A.dim() == 2 && A.size(0) >= 1 && A.size(1) == in, op, ": A must have shape (r, ", in,
+              ") with r >= 1, got ", A.sizes());
+  const int64_t rows = dy.numel() / dy.size(-1);
+  TORCH_CHECK(dt.dim() == 2 && dt.size(0) == rows && dt.size(1) == A.size(0), op,
+              ": dt must have shape (", rows, ", ", A.size(0), "), got ", dt.sizes());
+  check_lora_dropout(op, dy, dropout_threshold, seed);
+  return group;
+}
+
+void check_lora_grad_A_args(const at::Tensor& dt, const at::Tensor& x, int64_t dropout_threshold,
+                            const at::Tensor& seed) {
+  constexpr const char* op = "lora_linear_grad_A";
+  TORCH_CHECK(is_supported_float(x.scalar_type()), op,
+              ": x must be float64, float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) >= 1, op, ": x must have shape (..., in) with in >= 1, ",
+              "got ", x.sizes());
+  check_lora_same(op, "dt", dt, x, "x");
+  const int64_t rows = x.numel() / x.size(-1);
+  TORCH_CHECK(dt.dim() == 2 && dt.size(0) == rows && dt.size(1) >= 1, op, ": dt must have shape (",
+              rows, ", r) with r >= 1, got ", dt.sizes());
+  check_lora_dropout(op, x, dropout_threshold, seed);
+}
+
+int64_t check_lora_multi_args(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& weight_scales, const at::Tensor& A,
+                              const at::Tensor& B, const at::Tensor& adapter_index,
+                              const at::Tensor& ranks, const at::Tensor& adapter_scales,
+                              const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "lora_linear_multi";
+  const int64_t group = check_lora_base(op, "x", x, false, weight, weight_scales);
+  const int64_t out = weight.size(0);
+  const int64_t in = weight.size(1);
+  check_lora_same(op, "A", A, x, "x");
+  check_lora_same(op, "B", B, x, "x");
+  TORCH_CHECK(A.dim() == 3 && A.size(0) >= 1 && A.size(1) >= 1 && A.size(2) == in, op,
+              ": A must have shape (n_adapters, r_max, ", in, ") with n_adapters, r_max >= 1, got ",
+              A.sizes());
+  const int64_t n = A.size(0);
+  const int64_t r_max = A.size(1);
+  TORCH_CHECK(B.dim() == 3 && B.size(0) == n && B.size(1) == out && B.size(2) == r_max, op,
+              ": B must have shape (", n, ", ", out, ", ", r_max, ") to match weight and A, got ",
+              B.sizes());
+  TORCH_CHECK(adapter_index.scalar_type() == at::kInt, op, ": adapter_index must be int32, got ",
+              adapter_index.scalar_type());
+  TORCH_CHECK(adapter_index.device() == x.device(), op, ": adapter_index must be on x's device (",
+              x.device(), "), got ", adapter_index.device());
+  const auto lead = x.sizes().slice(0, x.dim() - 1);
+  TORCH_CHECK(adapter_index.sizes() == lead, op, ": adapter_index must have x's leading shape ",
+              lead, ", got ", adapter_index.sizes());
+  TORCH_CHECK(ranks.scalar_type() == at::kInt, op, ": ranks must be int32, got ",
+              ranks.scalar_type());
+  TORCH_CHECK(ranks.device() == x.device(), op, ": ranks must be on x's device (", x.device(),
+              "), got ", ranks.device());
+  TORCH_CHECK(ranks.dim() == 1 && ranks.size(0) == n, op, ": ranks must have shape (", n,
+              ",), got ", ranks.sizes());
+  TORCH_CHECK(adapter_scales.scalar_type() == at::kFloat, op,
+              ": adapter_scales must be float32, got ", adapter_scales.scalar_type());
+  TORCH_CHECK(adapter_scales.device() == x.device(), op, ": adapter_scales must be on x's device (",
+              x.device(), "), got ", adapter_scales.device());
+  TORCH_CHECK(adapter_scales.dim() == 1 && adapter_scales.size(0) == n, op,
+              ": adapter_scales must have shape (", n, ",), got ", adapter_scales.sizes());
+  if (bias.has_value()) {
+    check_lora_same(op, "bias", *bias, x, "x");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, op, ": bias must have shape (", out,
+                ",), got ", bias->sizes());
+  }
+  return group;
+}
+
 }  // namespace lrkernels

@@ -52,4 +52,36 @@ void check_block_sparse_attention_bwd_args(
     const std::optional<at::Tensor>& full_q_indices, int64_t block_q, int64_t block_k,
     int64_t window_left, int64_t window_right);
 
+// LoRA (lora_linear and friends). The base: weight (out, in) in x's dtype when weight_scales is
+// None (dense), else int8 with weight_scales as for int8_linear. A (r, in) and B (out, r) in x's
+// dtype with r >= 1; bias (out,); dropout_threshold in [0, 65535] and, when > 0, seed a
+// one-element int64 tensor on x's device. Every tensor on x's device. Returns the base's group
+// size: -1 dense, 0 int8 per channel, else the int8 group size.
+int64_t check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& weight_scales, const at::Tensor& A,
+                               const at::Tensor& B, const std::optional<at::Tensor>& bias,
+                               int64_t dropout_threshold, const std::optional<at::Tensor>& seed);
+
+// lora_linear_grad_input(dy, weight, weight_scales, dt, A, threshold, seed): dy (..., out), dt
+// (M, r) with M = dy.numel() / out, A (r, in), the base and the dropout as above.
+int64_t check_lora_grad_input_args(const at::Tensor& dy, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& weight_scales,
+                                   const at::Tensor& dt, const at::Tensor& A,
+                                   int64_t dropout_threshold,
+                                   const std::optional<at::Tensor>& seed);
+
+// lora_linear_grad_A(dt, x, threshold, seed): dt (M, r) in x's dtype, x (..., in) with M rows.
+void check_lora_grad_A_args(const at::Tensor& dt, const at::Tensor& x, int64_t dropout_threshold,
+                            const at::Tensor& seed);
+
+// lora_linear_multi: A (n, r_max, in), B (n, out, r_max) in x's dtype (n, r_max >= 1),
+// adapter_index int32 with x's leading shape, ranks int32 (n,), adapter_scales float32 (n,), the
+// base and bias as above. Index and rank values are checked by the CPU kernel (eagerly) and, on
+// the GPU, only on request (a value check there would need a device-to-host sync).
+int64_t check_lora_multi_args(const at::Tensor& x, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& weight_scales, const at::Tensor& A,
+                              const at::Tensor& B, const at::Tensor& adapter_index,
+                              const at::Tensor& ranks, const at::Tensor& adapter_scales,
+                              const std::optional<at::Tensor>& bias);
+
 }  // namespace lrkernels

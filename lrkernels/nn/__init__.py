@@ -2,12 +2,29 @@
 
 - `lrkernels.nn.lowrank`: `LowRankLinear`, `factorize_linears` (truncated / activation-aware SVD);
 - `lrkernels.nn.int8`: `Int8Linear`, `quantize_linears` (int8 weight-only);
+- `lrkernels.nn.lora`: `LoRALinear`, `add_lora`, adapter save/load (ours and PEFT's),
+  `MultiLoRALinear` (many adapters on one base, for serving);
 - `lrkernels.nn.attention`: `SparseAttention` (sliding window / block layout);
 - `lrkernels.nn._walk`: finding the ``nn.Linear`` layers a converter replaces (shared).
 """
 
 from .attention import SparseAttention
 from .int8 import Int8LayerReport, Int8Linear, QuantizeReport, quantize_linears
+from .lora import (
+    LoRALayerReport,
+    LoRALinear,
+    LoRAReport,
+    MultiLoRALinear,
+    add_lora,
+    load_lora,
+    load_lora_state_dict,
+    load_peft_adapter,
+    lora_layers,
+    lora_scale,
+    lora_state_dict,
+    save_lora,
+    save_peft_adapter,
+)
 from .lowrank import FactorizeReport, LayerReport, LowRankLinear, factorize_linears
 
 __all__ = [
@@ -15,9 +32,22 @@ __all__ = [
     "Int8LayerReport",
     "Int8Linear",
     "LayerReport",
+    "LoRALayerReport",
+    "LoRALinear",
+    "LoRAReport",
     "LowRankLinear",
+    "MultiLoRALinear",
     "QuantizeReport",
     "SparseAttention",
+    "add_lora",
     "factorize_linears",
+    "load_lora",
+    "load_lora_state_dict",
+    "load_peft_adapter",
+    "lora_layers",
+    "lora_scale",
+    "lora_state_dict",
     "quantize_linears",
+    "save_lora",
+    "save_peft_adapter",
 ]

@@ -61,6 +61,7 @@ class Family:
 FAMILIES = {
     "lowrank": Family("lowrank", ("lowrank_gemv.cu", "lowrank_fused_tc.cu"), "lowrank_driver.cpp"),
     "int8": Family("int8", ("int8_gemv.cu", "int8_gemm_tc.cu"), "int8_driver.cpp"),
+    "lora": Family("lora", ("lora_gemv.cu",), "lora_driver.cpp"),
 }
 
 

@@ -1,0 +1,303 @@
+// CUDA implementations of the LoRA ops (lrkernels/ops/lora.py). Torch-side glue only (host
+// compiler): shared checks, device guard, contiguity, allocation, path choice, stream. Kernels are
+// behind the torch-free API of lora_kernels.cuh.
+//
+// What runs where (the README's LoRA section says the same):
+//   * M <= 16 (decode / small batches), lora_linear and lora_linear_multi: the shrink kernel
+//     (t = drop(x) · Aᵀ for each row's adapter, float32 partials over K slices), then the
+//     weight-streaming GEMV over the dense or int8 base with the expand (s · t · Bᵀ) and the
+//     bias fused in its epilogue. Two launches, fixed whatever the adapter mix.
+//   * M > 16, one adapter: cuBLAS for the dense base (at::addmm) or the library's own int8 op
+//     (lrkernels::int8_linear through the dispatcher, so its kernels and weight layout stay in one
+//     place), cuBLAS for t = drop(x) · Aᵀ (the masked x from lora_mask_kernel when dropout is on)
+//     and for y += s · t · Bᵀ (beta = 1: y read and written once more). The fused single-pass
+//     GEMM at large M is the Triton kernel (triton_kernels/lora.py); auto selection prefers it
+//     there.
+//   * M > 16, many adapters: the base as above, the shrink kernel (per-row adapters), then the
+//     expand kernel accumulating each row's s · t · B[a]ᵀ into y.
+//   * Gradients: dx = dy · W (cuBLAS with the LoRA term as its C operand, or the int8
+//     grad-input op plus an add) with keep ⊙ (dt · A) from cuBLAS and lora_mask_kernel;
+//     dA = dtᵀ · (keep ⊙ x) (masked copy + cuBLAS).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "../common/checks.h"
+#include "launch_utils.h"
+#include "lora_kernels.cuh"
+
+namespace lrkernels {
+namespace {
+
+using cuda_launch::device_info;
+using cuda_launch::poison_output;
+
+cuda::LoraDType kernel_dtype(const char* op, at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return cuda::LoraDType::kFloat32;
+    case at::kHalf:
+      return cuda::LoraDType::kFloat16;
+    case at::kBFloat16:
+      return cuda::LoraDType::kBFloat16;
+    default:
+      TORCH_CHECK(false, op, " (cuda backend): ", t,
+                  " is not supported; use the cpu or torch backend");
+  }
+}
+
+void check_cuda_side(const char* op, const at::Tensor& x, int64_t rank) {
+  TORCH_CHECK(x.is_cuda(), op, " (cuda backend): tensors must be on a CUDA device, got ",
+              x.device());
+  TORCH_CHECK(rank <= cuda::kLoraMaxRank, op, " (cuda backend): ranks up to ", cuda::kLoraMaxRank,
+              " are supported, got ", rank);
+}
+
+std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
+  std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end());
+  shape.back() = last;
+  return shape;
+}
+
+cudaStream_t stream_of(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.get_device()).stream();
+}
+
+// The int8 ops of the library, through the dispatcher (their CUDA kernels and weight layout
+// stay the int8 family's own).
+at::Tensor int8_linear_op(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s,
+                          const std::optional<at::Tensor>& bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lrkernels::int8_linear", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&)>();
+  return op.call(x, q, s, bias);
+}
+
+at::Tensor int8_grad_input_op(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& s) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lrkernels::int8_linear_grad_input", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(dy, q, s);
+}
+
+// y2d (M, N) = x2d · Wᵀ + bias, W dense or int8.
+at::Tensor base_product(const at::Tensor& x2d, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& weight_scales,
+                        const std::optional<at::Tensor>& bias) {
+  if (weight_scales.has_value()) return int8_linear_op(x2d, weight, *weight_scales, bias);
+  return bias.has_value() ? at::addmm(*bias, x2d, weight.t()) : at::mm(x2d, weight.t());
+}
+
+// keep ⊙ in (in place when out is in).
+void apply_mask(const at::Tensor& in, at::Tensor& out, int64_t threshold, const at::Tensor& seed,
+                const char* op) {
+  cuda::LoraMaskArgs args{in.data_ptr(),
+                          out.data_ptr(),
+                          in.size(0),
+                          in.size(1),
+                          static_cast<uint32_t>(threshold),
+                          seed.data_ptr<int64_t>(),
+                          kernel_dtype(op, in.scalar_type())};
+  C10_CUDA_CHECK(cuda::launch_lora_mask(args, stream_of(in)));
+}
+
+struct Stacked {
+  at::Tensor A, B, index, ranks, scales;  // contiguous (or undefined)
+  cuda::LoraAdapters api;
+};
+
+// The shrink then either the fused GEMV (M <= 16) or the expand into an existing y (M > 16).
+void run_lora_kernels(const char* op, const at::Tensor& x2d, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& weight_scales, int64_t group,
+                      const cuda::LoraAdapters& adapters, const std::optional<at::Tensor>& bias,
+                      int64_t threshold, const std::optional<at::Tensor>& seed, at::Tensor& y2d,
+                      at::Tensor* t_out) {
+  const int64_t M = x2d.size(0);
+  const int64_t K = x2d.size(1);
+  const int64_t N = weight.size(0);
+  const int64_t R = adapters.rank;
+  const cuda::LoraDType dtype = kernel_dtype(op, x2d.scalar_type());
+  const cudaStream_t stream = stream_of(x2d);
+  const int64_t splits = cuda::lora_shrink_splits(M, K, device_info(x2d.get_device()).num_sms);
+  const at::Tensor partial = at::empty({splits, M, R}, x2d.options().dtype(at::kFloat));
+  cuda::LoraShrinkArgs shrink{x2d.data_ptr(),
+                              adapters,
+                              partial.data_ptr<float>(),
+                              M,
+                              K,
+                              splits,
+                              static_cast<uint32_t>(threshold),
+                              threshold > 0 ? seed->data_ptr<int64_t>() : nullptr,
+                              dtype};
+  C10_CUDA_CHECK(cuda::launch_lora_shrink(shrink, stream));
+  if (M <= cuda::kLoraGemvMaxRows) {
+    const at::Tensor w = weight.contiguous();
+    const at::Tensor s = weight_scales.has_value() ? weight_scales->contiguous() : at::Tensor();
+    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+    cuda::LoraGemvArgs gemv{x2d.data_ptr(),
+                            w.data_ptr(),
+                            s.defined() ? s.data_ptr() : nullptr,
+                            group > 0 ? group : 0,
+                            adapters,
+                            partial.data_ptr<float>(),
+                            splits,
+                            b.defined() ? b.data_ptr() : nullptr,
+                            y2d.data_ptr(),
+                            t_out != nullptr ? t_out->data_ptr() : nullptr,
+                            M,
+                            N,
+                            K,
+                            dtype};
+    C10_CUDA_CHECK(cuda::launch_lora_gemv(gemv, stream));
+    return;
+  }
+  y2d.copy_(base_product(x2d, weight, weight_scales, bias));
+  cuda::LoraExpandArgs expand{adapters, partial.data_ptr<float>(), splits, y2d.data_ptr(), M, N,
+                              dtype};
+  C10_CUDA_CHECK(cuda::launch_lora_expand(expand, stream));
+}
+
+std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                    const std::optional<at::Tensor>& weight_scales,
+                                                    const at::Tensor& A, const at::Tensor& B,
+                                                    const std::optional<at::Tensor>& bias,
+                                                    double scale, int64_t dropout_threshold,
+                                                    const std::optional<at::Tensor>& seed) {
+  constexpr const char* op = "lora_linear";
+  const int64_t group =
+      check_lora_linear_args(x, weight, weight_scales, A, B, bias, dropout_threshold, seed);
+  check_cuda_side(op, x, A.size(0));
+  kernel_dtype(op, x.scalar_type());
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const int64_t N = weight.size(0);
+  const int64_t K = weight.size(1);
+  const int64_t R = A.size(0);
+  const int64_t M = x.numel() / K;
+  at::Tensor y = at::empty(with_last_dim(x, N), x.options());
+  at::Tensor t = at::empty({M, R}, x.options());
+  if (poison_output()) {
+    y.fill_(std::numeric_limits<double>::quiet_NaN());
+    t.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  if (M == 0) return {y, t};
+  const at::Tensor x2d = x.reshape({M, K}).contiguous();
+  if (M <= cuda::kLoraGemvMaxRows) {
+    const at::Tensor A_c = A.contiguous();
+    const at::Tensor B_c = B.contiguous();
+    const cuda::LoraAdapters adapters{
+        A_c.data_ptr(), B_c.data_ptr(), nullptr, nullptr, nullptr, static_cast<float>(scale), 1, R};
+    at::Tensor y2d = y.view({M, N});
+    run_lora_kernels(op, x2d, weight, weight_scales, group, adapters, bias, dropout_threshold, seed,
+                     y2d, &t);
+    return {y, t};
+  }
+  at::Tensor xd = x2d;
+  if (dropout_threshold > 0) {
+    xd = at::empty_like(x2d);
+    apply_mask(x2d, xd, dropout_threshold, *seed, op);
+  }
+  t.copy_(at::mm(xd, A.t()));
+  at::Tensor y2d = base_product(x2d, weight, weight_scales, bias);
+  y2d.addmm_(t, B.t(), 1.0, scale);
+  y.view({M, N}).copy_(y2d);
+  return {y, t};
+}
+
+at::Tensor lora_linear_grad_input_cuda(const at::Tensor& dy, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& weight_scales,
+                                       const at::Tensor& dt, const at::Tensor& A,
+                                       int64_t dropout_threshold,
+                                       const std::optional<at::Tensor>& seed) {
+  constexpr const char* op = "lora_linear_grad_input";
+  check_lora_grad_input_args(dy, weight, weight_scales, dt, A, dropout_threshold, seed);
+  TORCH_CHECK(dy.is_cuda(), op, " (cuda backend): tensors must be on a CUDA device, got ",
+              dy.device());
+  kernel_dtype(op, dy.scalar_type());
+  const c10::cuda::CUDAGuard device_guard(dy.device());
+  const int64_t N = weight.size(0);
+  const int64_t K = weight.size(1);
+  const int64_t M = dy.numel() / N;
+  if (M == 0) return at::empty(with_last_dim(dy, K), dy.options());
+  const at::Tensor dy2d = dy.reshape({M, N});
+  at::Tensor lora = at::mm(dt, A);  // (M, K), contiguous
+  if (dropout_threshold > 0) apply_mask(lora, lora, dropout_threshold, *seed, op);
+  at::Tensor dx = weight_scales.has_value()
+                      ? int8_grad_input_op(dy2d, weight, *weight_scales).add_(lora)
+                      : at::addmm(lora, dy2d, weight);
+  return dx.reshape(with_last_dim(dy, K));
+}
+
+at::Tensor lora_linear_grad_A_cuda(const at::Tensor& dt, const at::Tensor& x,
+                                   int64_t dropout_threshold, const at::Tensor& seed) {
+  constexpr const char* op = "lora_linear_grad_A";
+  check_lora_grad_A_args(dt, x, dropout_threshold, seed);
+  TORCH_CHECK(x.is_cuda(), op, " (cuda backend): tensors must be on a CUDA device, got ",
+              x.device());
+  kernel_dtype(op, x.scalar_type());
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const int64_t K = x.size(-1);
+  const at::Tensor x2d = x.reshape({-1, K}).contiguous();
+  if (dropout_threshold == 0 || x2d.size(0) == 0) return at::mm(dt.t(), x2d);
+  at::Tensor masked = at::empty_like(x2d);
+  apply_mask(x2d, masked, dropout_threshold, seed, op);
+  return at::mm(dt.t(), masked);
+}
+
+at::Tensor lora_linear_multi_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& weight_scales,
+                                  const at::Tensor& A, const at::Tensor& B,
+                                  const at::Tensor& adapter_index, const at::Tensor& ranks,
+                                  const at::Tensor& adapter_scales,
+                                  const std::optional<at::Tensor>& bias) {
+  constexpr const char* op = "lora_linear_multi";
+  const int64_t group = check_lora_multi_args(x, weight, weight_scales, A, B, adapter_index, ranks,
+                                              adapter_scales, bias);
+  check_cuda_side(op, x, A.size(1));
+  kernel_dtype(op, x.scalar_type());
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const int64_t N = weight.size(0);
+  const int64_t K = weight.size(1);
+  const int64_t M = x.numel() / K;
+  at::Tensor y = at::empty(with_last_dim(x, N), x.options());
+  if (poison_output()) y.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (M == 0) return y;
+  const at::Tensor x2d = x.reshape({M, K}).contiguous();
+  const at::Tensor A_c = A.contiguous();
+  const at::Tensor B_c = B.contiguous();
+  const at::Tensor idx = adapter_index.reshape({M}).contiguous();
+  const at::Tensor rk = ranks.contiguous();
+  const at::Tensor sc = adapter_scales.contiguous();
+  const cuda::LoraAdapters adapters{A_c.data_ptr(),
+                                    B_c.data_ptr(),
+                                    idx.data_ptr<int32_t>(),
+                                    rk.data_ptr<int32_t>(),
+                                    sc.data_ptr<float>(),
+                                    0.f,
+                                    A.size(0),
+                                    A.size(1)};
+  at::Tensor y2d = y.view({M, N});
+  run_lora_kernels(op, x2d, weight, weight_scales, group, adapters, bias, 0, std::nullopt, y2d,
+                   nullptr);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lrkernels, CUDA, m) {
+  m.impl("lora_linear", &lora_linear_cuda);
+  m.impl("lora_linear_grad_input", &lora_linear_grad_input_cuda);
+  m.impl("lora_linear_grad_A", &lora_linear_grad_A_cuda);
+  m.impl("lora_linear_multi", &lora_linear_multi_cuda);
+}
+
+}  // namespace lrkernels
