@@ -20,6 +20,7 @@ __all__ = [
     "dense_linear_cost",
     "device_name",
     "int8_linear_cost",
+    "lora_linear_cost",
     "lowrank_linear_cost",
     "measure_peaks",
     "roofline_fraction",
@@ -269,3 +270,49 @@ def measure_peaks(device: torch.device | str, dtype: torch.dtype) -> DevicePeaks
     )
     _CACHE[key] = peaks
     return peaks
+
+
+def lora_linear_cost(
+    M: int,
+    in_f: int,
+    out_f: int,
+    rank: int,
+    dtype_bytes: int,
+    *,
+    bias: bool = True,
+    group_size: int | None = None,
+    n_adapters: int = 1,
+    backward: bool = False,
+) -> tuple[int, int]:
+    """(flops, minimum bytes) of LoRA ``y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ + b``: x (M, in), W
+    (out, in) dense (``group_size`` None) or int8 (``group_size`` 0 per channel, else G, scales
+    of the activation's size), ``n_adapters`` adapters A (r, in), B (out, r) each read once.
+
+    Forward FLOPs: the base product plus the shrink (2·M·in·r) and the expand (2·M·r·out),
+    plus the bias. ``backward=True`` counts the forward and the backward of a frozen base:
+    dx = dy·W + (s·dy·B)·A (2·M·out·in + 2·M·out·r + 2·M·r·in), dA (2·r·M·in), dB (2·out·M·r),
+    dbias (M·out). Bytes, the floor of any implementation: forward reads x, W, the adapters,
+    the bias and writes y (t = M·r stays on chip); the backward reads dy, W, x (for dA) and
+    the adapters again and writes dx, dA, dB, dbias.
+    """
+    e = dtype_bytes
+    if group_size is None:
+        w_bytes = out_f * in_f * e
+    else:
+        w_bytes = (
+            int8_linear_cost(1, in_f, out_f, e, group_size, bias=False)[1] - (in_f + out_f) * e
+        )
+    adapter_bytes = n_adapters * rank * (in_f + out_f) * e
+    flops = 2 * M * in_f * out_f + 2 * M * in_f * rank + 2 * M * rank * out_f
+    nbytes = (M * in_f + M * out_f) * e + w_bytes + adapter_bytes
+    if bias:
+        flops += M * out_f
+        nbytes += out_f * e
+    if backward:
+        flops += 2 * M * out_f * in_f + 2 * M * out_f * rank + 2 * M * rank * in_f
+        flops += 2 * rank * M * in_f + 2 * out_f * M * rank
+        nbytes += (M * out_f + 2 * M * in_f) * e + w_bytes + 2 * adapter_bytes
+        if bias:
+            flops += M * out_f
+            nbytes += out_f * e
+    return flops, nbytes
