@@ -30,6 +30,11 @@
 //   block reduces them in shared memory. Slices: enough blocks for ~2 waves at small M.
 // Expand: a block owns 256 columns of one row (rows without an adapter return at once).
 // No atomics anywhere: every sum has a fixed order (deterministic).
+// Static report (nvcc 13.0 -O3, sm_90a, cuobjdump -res-usage; none spills, no local memory):
+//   gemv dense 16-byte path 40 registers (fp32 54), int8 16-byte path 60 (fp32 64), scalar
+//   fallbacks 40-76; 5.3 KiB static shared memory (t and the rows' adapters);
+//   shrink 72 / 128 / 254 registers for R <= 16 / 32 / 64 (the R running sums live in
+//   registers); expand 32; mask 18-30.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
