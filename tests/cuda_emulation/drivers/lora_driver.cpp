@@ -115,6 +115,17 @@ std::string run(const drv::Case& c, std::string* stats) {
   index.snapshot();
   ranks.snapshot();
   scales.snapshot();
+  // Columns of A and B at or past an adapter's (clamped) rank hold NaN: they must never be read
+  // into a result (0 · NaN would poison it).
+  for (int64_t ad = 0; ad < static_cast<int64_t>(ranks.size()); ++ad) {
+    const int64_t r = ranks[ad] < 0 ? 0 : (ranks[ad] > R ? R : ranks[ad]);
+    for (int64_t j = r; j < R; ++j) {
+      for (int64_t k = 0; k < K; ++k) a[(ad * R + j) * K + k] = drv::from_f<T>(NAN);
+      for (int64_t o = 0; o < N; ++o) b[(ad * N + o) * R + j] = drv::from_f<T>(NAN);
+    }
+  }
+  a.snapshot();
+  b.snapshot();
   std::vector<double> y0(M * N, 0.0);
   if (path == "expand") {
     vals.fill(y);
