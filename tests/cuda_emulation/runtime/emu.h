@@ -31,7 +31,6 @@
 #include <memory>
 #include <type_traits>
 #include <vector>
-#include <vector>
 
 #include "fiber.h"
 
