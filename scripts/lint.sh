@@ -7,6 +7,6 @@ cd "$ROOT"
 "$BIN/ruff" check .
 "$BIN/ruff" format --check .
 mapfile -t cxx < <(git ls-files 'csrc/*.cpp' 'csrc/*.h' 'csrc/*.cu' 'csrc/*.cuh' 'cpp_tests/*.cpp' \
-  'tests/*.cpp' 'tests/*.h')
+  'tests/*.cpp' 'tests/*.h' 'tests/*.cu' 'tests/*.cuh')
 "$BIN/clang-format" --dry-run -Werror "${cxx[@]}"
 echo "lint: clean"

@@ -314,6 +314,42 @@ def test_int8_tsan():
     run_cases(binary("int8", "tsan"), cases)
 
 
+# ----------------------------------------------------------- shared primitives (common/ptx.cuh)
+
+# kernels/primitives.cu: cp.async (zero-fill, two groups, a partial wait), every ldmatrix form,
+# mma.sync in f16 and bf16, each against a float64 product on small integers (exact).
+PRIMITIVES = [
+    f"dtype={d} kvalid={k} seed={s}" for d in ("f16", "bf16") for k in (8, 16) for s in (1, 2)
+]
+
+
+def test_primitives_asan():
+    run_cases(binary("primitives", "asan"), PRIMITIVES)
+
+
+def test_primitives_tsan():
+    run_cases(binary("primitives", "tsan"), PRIMITIVES[:2])
+
+
+def test_emulation_catches_a_read_before_cp_async_lands():
+    """The emulated cp.async lands only when its group is waited for: a kernel that waits for
+    too few groups reads shared memory the copy has not written yet (NaN-filled), and fails."""
+    binary("primitives", "asan")  # skips without a toolchain
+    mutant = emu_build.cache_dir() / "mutant" / "primitives"
+    mutant.mkdir(parents=True, exist_ok=True)
+    kernels = emu_build.HERE / "kernels"
+    text = (kernels / "primitives.cu").read_text()
+    assert text.count("ptx::cp_async_wait<0>();") == 1, "mutation site moved: update"
+    (mutant / "primitives.cu").write_text(
+        text.replace("ptx::cp_async_wait<0>();", "ptx::cp_async_wait<1>();")
+    )
+    shutil.copy(kernels / "primitives.cuh", mutant / "primitives.cuh")
+    fam = emu_build.Family("primitives", ("primitives.cu",), "primitives_driver.cpp", str(mutant))
+    proc = run_binary(emu_build.build(fam, "asan"), PRIMITIVES[0] + "\n")
+    assert proc.stdout.startswith("FAIL "), proc.stdout + proc.stderr[-3000:]
+    assert "got nan" in proc.stdout
+
+
 # ------------------------------------------------------------------------- the harness itself
 
 

@@ -28,6 +28,7 @@ from . import generate
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 RUNTIME = HERE / "runtime"
+GENERATOR = HERE / "generate.py"
 DRIVERS = HERE / "drivers"
 DEFAULT_SRC_DIR = REPO / "csrc" / "cuda"
 DEFAULT_CACHE_DIR = REPO / "build" / "cuda_emulation"
@@ -56,11 +57,15 @@ class Family:
     name: str
     kernels: tuple[str, ...]
     driver: str
+    # Folder of the kernel files, relative to this package, when they are not library kernels
+    # (test-only kernels such as kernels/primitives.cu); they still include the library headers.
+    kernel_dir: str | None = None
 
 
 FAMILIES = {
     "lowrank": Family("lowrank", ("lowrank_gemv.cu", "lowrank_fused_tc.cu"), "lowrank_driver.cpp"),
     "int8": Family("int8", ("int8_gemv.cu", "int8_gemm_tc.cu"), "int8_driver.cpp"),
+    "primitives": Family("primitives", ("primitives.cu",), "primitives_driver.cpp", "kernels"),
     "lora": Family("lora", ("lora_gemv.cu",), "lora_driver.cpp"),
 }
 
@@ -125,6 +130,45 @@ def _compile(cmd: list[str], out: Path) -> None:
     os.replace(tmp, out)
 
 
+def _mirror_headers(src_dir: Path, cache: Path) -> Path:
+    """A copy of every header under src_dir (same relative paths), in a cache folder named by
+    their contents, that the kernels include instead of the originals: a header with inline PTX
+    (e.g. common/ptx.cuh) is rewritten by generate.py like a kernel file, so its instructions run
+    as their emulations; the others are copied as they are (a header whose PTX generate.py does
+    not know stays as written: it must keep that PTX out of host code, e.g. behind
+    __CUDA_ARCH__). Each copy starts with a #line naming the original, for diagnostics."""
+    paths = sorted(p for ext in ("*.cuh", "*.h") for p in src_dir.rglob(ext))
+    texts = {p: p.read_text() for p in paths}
+    root = (
+        cache
+        / "hdr"
+        / _digest(
+            GENERATOR.read_text(), *(str(p.relative_to(src_dir)) + "\0" + texts[p] for p in paths)
+        )
+    )
+    if root.is_dir():
+        return root
+    tmp = root.with_name(f"{root.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for p in paths:
+        out = tmp / p.relative_to(src_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        text = texts[p]
+        if generate.needs_rewrite(text):
+            try:
+                text = generate.rewrite(text, str(p))
+            except generate.GenerateError:
+                text = f'#line 1 "{p}"\n' + text
+        else:
+            text = f'#line 1 "{p}"\n' + text
+        out.write_text(text)
+    try:
+        os.replace(tmp, root)
+    except OSError:  # a concurrent build made the same folder
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
 def build(
     family: str | Family,
     sanitizer: str,
@@ -141,14 +185,20 @@ def build(
         raise BuildUnavailable("CUDA toolkit headers (cuda_fp16.h) not found; set CUDA_HOME")
     cxx, cxx_version = _compiler()
     flags = COMMON_FLAGS + SANITIZER_FLAGS[sanitizer]
-    includes = [f"-I{RUNTIME / 'shim'}", f"-I{RUNTIME}", f"-I{src_dir}", f"-I{cuda_inc}"]
     runtime_key = _files_digest(sorted(RUNTIME.rglob("*.h")))
-    base_key = _digest(cxx_version, *flags, *includes, runtime_key)
+    headers = _mirror_headers(src_dir, cache)
+    includes = [f"-I{RUNTIME / 'shim'}", f"-I{RUNTIME}", f"-I{headers}", f"-I{cuda_inc}"]
+    # The mirror's folder name changes with any header; each unit's key covers the headers it
+    # includes, so the base key names the source folder instead.
+    base_key = _digest(cxx_version, *flags, *includes[:2], str(src_dir), *includes[3:], runtime_key)
 
-    present = [k for k in fam.kernels if (src_dir / k).is_file()]
+    kernel_dir = HERE / fam.kernel_dir if fam.kernel_dir else src_dir
+    present = [k for k in fam.kernels if (kernel_dir / k).is_file()]
     if not present:
-        raise BuildUnavailable(f"none of {fam.kernels} in {src_dir}")
+        raise BuildUnavailable(f"none of {fam.kernels} in {kernel_dir}")
     defines = ["-DEMU_WITHOUT_" + Path(k).stem.upper() for k in fam.kernels if k not in present]
+    if fam.kernel_dir:
+        defines.append(f"-I{kernel_dir}")
 
     obj_dir, src_cache = cache / "obj", cache / "src"
     obj_dir.mkdir(parents=True, exist_ok=True)
@@ -159,18 +209,20 @@ def build(
     units = []
     for k in present:
         try:
-            text = generate.rewrite((src_dir / k).read_text(), str(src_dir / k))
+            text = generate.rewrite((kernel_dir / k).read_text(), str(kernel_dir / k))
         except generate.GenerateError as e:
             raise BuildError(f"generate.py on {k}: {e}") from e
-        key = _digest(base_key, text, _files_digest(generate.quoted_includes(src_dir / k, src_dir)))
+        # The headers it includes, and the generator (which rewrites the PTX headers).
+        deps = _files_digest([*generate.quoted_includes(kernel_dir / k, src_dir), GENERATOR])
+        key = _digest(base_key, text, deps)
         src = src_cache / f"{key}.cpp"
         if not src.is_file():
             tmp = src.with_name(f"{src.name}.{os.getpid()}.tmp")
             tmp.write_text(text)
             os.replace(tmp, src)
-        units.append((key, src, []))
+        units.append((key, src, defines if fam.kernel_dir else []))
     driver = DRIVERS / fam.driver
-    deps = _files_digest(generate.quoted_includes(driver, src_dir))
+    deps = _files_digest([*generate.quoted_includes(driver, src_dir), GENERATOR])
     units.append((_digest(base_key, driver.read_text(), deps, *defines), driver, defines))
 
     jobs = []
@@ -188,7 +240,7 @@ def build(
     if not binary.is_file():
         binary.parent.mkdir(parents=True, exist_ok=True)
         _compile([cxx, *flags, *map(str, objs), "-pthread"], binary)
-    _prune(cache, keep=[*objs, binary, *(src for _, src, _ in units[:-1])])
+    _prune(cache, keep=[*objs, binary, headers, *(src for _, src, _ in units[:-1])])
     return binary
 
 
@@ -198,11 +250,14 @@ def _prune(cache: Path, keep: list[Path], max_age_days: float = 7) -> None:
     now = time.time()
     for p in keep:
         os.utime(p, (now, now))
-    for sub in ("obj", "src", "bin"):
+    for sub in ("obj", "src", "bin", "hdr"):
         for p in (cache / sub).glob("*"):
             try:
                 if now - p.stat().st_mtime > max_age_days * 86400:
-                    p.unlink()
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
             except OSError:
                 pass  # removed by a concurrent run
 

@@ -75,6 +75,20 @@ struct Warp {
 
 struct BlockState;
 
+// The cp.async copies a thread has issued and not yet waited for (runtime/ptx.h): a copy lands
+// in shared memory only when the thread waits for its group, so a read before the wait (or, by
+// another thread, before the barrier after it) sees the old contents, as it may on the hardware.
+struct AsyncCopy {
+  unsigned char* dst;
+  const unsigned char* src;
+  uint32_t size;       // bytes written to dst
+  uint32_t src_bytes;  // bytes read from src; the rest of dst is zero-filled
+};
+struct AsyncCopies {
+  std::vector<AsyncCopy> copies;   // issued, oldest first
+  std::vector<size_t> group_ends;  // copies.size() at each commit, oldest group first
+};
+
 // One emulated CUDA thread, run by a pooled fiber.
 struct Thread {
   Thread(BlockState* blk, unsigned tid, Fiber* fiber)
@@ -90,6 +104,7 @@ struct Thread {
   const int lane;
   std::atomic<int> state{kRunnable};
   uint32_t collectives = 0;  // warp collectives this thread has entered (private)
+  AsyncCopies async;         // cp.async copies in flight (private)
 };
 
 struct BlockState {

@@ -3,6 +3,7 @@
 // nothing else fuses). __ldg is a plain load: there is no read-only cache to model.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -37,5 +38,34 @@ inline unsigned byte_perm(unsigned x, unsigned y, unsigned s) {
   return r;
 }
 [[noreturn]] inline void trap() { device_fatal("__trap()"); }
+
+// Global-memory atomics and fences (blocks of a grid run concurrently on the worker threads, so
+// these are real atomics; ThreadSanitizer sees their ordering). Sequentially consistent, which is
+// at least as strong as the hardware's relaxed atomics plus __threadfence: a kernel that is wrong
+// only under weaker ordering is not caught. A block that spin-waits for another block may
+// deadlock here (blocks run in a shuffled order on a few workers, like a GPU without
+// co-residency guarantees): use a counter whose last arriver does the work instead.
+template <class T>
+T atomic_add(T* p, T v) {
+  return std::atomic_ref<T>(*p).fetch_add(v, std::memory_order_seq_cst);
+}
+template <class T>
+T atomic_exch(T* p, T v) {
+  return std::atomic_ref<T>(*p).exchange(v, std::memory_order_seq_cst);
+}
+template <class T>
+T atomic_cas(T* p, T expected, T desired) {
+  std::atomic_ref<T>(*p).compare_exchange_strong(expected, desired, std::memory_order_seq_cst);
+  return expected;  // the old value, as atomicCAS returns it
+}
+template <class T>
+T atomic_max(T* p, T v) {
+  std::atomic_ref<T> r(*p);
+  T old = r.load(std::memory_order_seq_cst);
+  while (old < v && !r.compare_exchange_weak(old, v, std::memory_order_seq_cst)) {
+  }
+  return old;
+}
+inline void threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 }  // namespace emu

@@ -54,6 +54,11 @@ using std::fmaf;  // device fmaf: one rounding, like std::fmaf
 #define __byte_perm emu::byte_perm
 #define __trap emu::trap
 #define __cvta_generic_to_shared emu::cvta_generic_to_shared
+#define atomicAdd emu::atomic_add
+#define atomicExch emu::atomic_exch
+#define atomicCAS emu::atomic_cas
+#define atomicMax emu::atomic_max
+#define __threadfence emu::threadfence
 
 #define cudaGetLastError emu::get_last_error
 #define cudaPeekAtLastError emu::peek_at_last_error

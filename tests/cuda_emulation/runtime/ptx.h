@@ -83,6 +83,72 @@ void ldmatrix_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, uint32_
   r3 = out[3];
 }
 
+// ldmatrix .x1 / .x2: as .x4 for the first one / two matrices (lanes 0..7 / 0..15 give the row
+// addresses; the other lanes' addresses are ignored).
+template <int kN, bool kTrans>
+void ldmatrix_xn(uint32_t* out, uint32_t addr) {
+  const ExchangeSlot* row = warp_exchange(kLdmatrix, addr);
+  const int lane = self().lane;
+  for (int i = 0; i < kN; ++i) {
+    out[i] = 0;
+    for (int h = 0; h < 2; ++h) {
+      const int r = kTrans ? 2 * (lane % 4) + h : lane / 4;
+      const int c = kTrans ? lane / 4 : 2 * (lane % 4) + h;
+      const auto row_addr = lane_value<uint32_t>(row, 8 * i + r);
+      if (row_addr % 16 != 0) device_fatal("ldmatrix: row address not 16-byte aligned");
+      unsigned short e;
+      std::memcpy(&e, shared_at(row_addr, 16) + 2 * c, 2);
+      out[i] |= static_cast<uint32_t>(e) << (16 * h);
+    }
+  }
+}
+template <bool kTrans>
+void ldmatrix_x1(uint32_t& r0, uint32_t addr) {
+  ldmatrix_xn<1, kTrans>(&r0, addr);
+}
+template <bool kTrans>
+void ldmatrix_x2(uint32_t& r0, uint32_t& r1, uint32_t addr) {
+  uint32_t out[2];
+  ldmatrix_xn<2, kTrans>(out, addr);
+  r0 = out[0];
+  r1 = out[1];
+}
+
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes: queued on the issuing thread (emu.h
+// AsyncCopies) and performed when the thread waits for its group. src_bytes is 0 or 16 (the
+// zero-fill form the kernels use); both addresses must be 16-byte aligned.
+inline void cp_async_16(uint32_t dst_addr, const void* src, uint32_t src_bytes) {
+  if (dst_addr % 16 != 0) device_fatal("cp.async: shared address not 16-byte aligned");
+  if (reinterpret_cast<uintptr_t>(src) % 16 != 0) {
+    device_fatal("cp.async: global address not 16-byte aligned");
+  }
+  if (src_bytes != 0 && src_bytes != 16) device_fatal("cp.async: src-size must be 0 or 16 here");
+  auto* dst = const_cast<unsigned char*>(shared_at(dst_addr, 16));
+  self().async.copies.push_back({dst, static_cast<const unsigned char*>(src), 16, src_bytes});
+}
+
+// cp.async.commit_group: the copies issued since the previous commit form one group.
+inline void cp_async_commit() {
+  AsyncCopies& a = self().async;
+  a.group_ends.push_back(a.copies.size());
+}
+
+// cp.async.wait_group n: completes every committed group but the n most recent ones.
+inline void cp_async_wait_group(int n) {
+  AsyncCopies& a = self().async;
+  const int groups = static_cast<int>(a.group_ends.size());
+  if (groups <= n) return;
+  const size_t done = a.group_ends[static_cast<size_t>(groups - n - 1)];
+  for (size_t i = 0; i < done; ++i) {
+    const AsyncCopy& c = a.copies[i];
+    if (c.src_bytes > 0) std::memcpy(c.dst, c.src, c.src_bytes);
+    std::memset(c.dst + c.src_bytes, 0, c.size - c.src_bytes);
+  }
+  a.copies.erase(a.copies.begin(), a.copies.begin() + static_cast<std::ptrdiff_t>(done));
+  a.group_ends.erase(a.group_ends.begin(), a.group_ends.begin() + (groups - n));
+  for (size_t& e : a.group_ends) e -= done;
+}
+
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32, D = A · B + C with C = D:
 // with g = lane / 4, t = lane % 4 and h = 0, 1 (low half first):
 //   a0: A(g, 2t + h)  a1: A(g + 8, 2t + h)  a2: A(g, 2t + 8 + h)  a3: A(g + 8, 2t + 8 + h)
