@@ -256,6 +256,7 @@ def test_state_dict_round_trip(group):
 
 def test_safetensors_round_trip(tmp_path):
     import safetensors.torch as st  # a real dependency (setup.py): this test always runs
+
     model = nn.Sequential(Int8Linear(64, 32, group_size=32), nn.ReLU(), Int8Linear(32, 8))
     for layer in (model[0], model[2]):
         src = nn.Linear(layer.in_features, layer.out_features, dtype=BF16)

@@ -7,14 +7,14 @@
 // the GPU kernels: float32 accumulation (float64 for float64); t is rounded to x's dtype before
 // the second product (what torch's same-dtype matmuls and the tensor-core kernels do); the base
 // product and the LoRA term are summed in the accumulation dtype and rounded once. The dropout
-// mask is the shared counter-based hash (common/lora_dropout.h). A correctness path that also
+// mask is the shared counter-based hash (csrc/cuda/lora_dropout.h). A correctness path that also
 // exercises the shared checks, not a fast one.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "../common/checks.h"
-#include "../common/lora_dropout.h"
+#include "../cuda/lora_dropout.h"
 
 namespace lrkernels {
 namespace {

@@ -41,7 +41,9 @@
 
 #include <cstdint>
 
-#include "../common/lora_dropout.h"
+#include "common/convert.cuh"
+#include "common/util.cuh"
+#include "lora_dropout.h"
 #include "lora_kernels.cuh"
 
 namespace lrkernels {
@@ -58,38 +60,16 @@ constexpr int64_t kMinSliceK = 256;  // a shrink slice covers at least this many
 constexpr int64_t kMaxSplits = 64;
 constexpr int64_t kMaxGridY = 65535;
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+using cvt::from_float;
+using cvt::to_float;
+using util::ceil_div;
+using util::warp_sum;
 
 // Rounds to T and back: the value a tensor of dtype T would hold.
 template <typename T>
 __device__ __forceinline__ float round_to(float v) {
   return to_float(from_float<T>(v));
 }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct RowAdapter {
   int adapter;  // -1: the base only
@@ -334,8 +314,6 @@ bool adapters_valid(const LoraAdapters& ad) {
          ad.rank <= kLoraMaxRank;
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 template <typename T>
 cudaError_t shrink_typed(const LoraShrinkArgs& args, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(args.M), static_cast<unsigned>(args.k_splits));
@@ -352,7 +330,8 @@ cudaError_t shrink_typed(const LoraShrinkArgs& args, cudaStream_t stream) {
 template <typename T, bool kInt8>
 cudaError_t gemv_typed(const LoraGemvArgs& args, cudaStream_t stream) {
   constexpr int kVec = kInt8 ? 16 : static_cast<int>(16 / sizeof(T));
-  const bool vec = args.K % kVec == 0 && aligned16(args.x) && aligned16(args.weight);
+  const bool vec =
+      args.K % kVec == 0 && util::is_aligned16(args.x) && util::is_aligned16(args.weight);
   const dim3 grid(static_cast<unsigned>(ceil_div(args.N, kGemvWarps)));
   if (vec) {
     lora_gemv_kernel<T, kInt8, kVec><<<grid, kGemvThreads, 0, stream>>>(args);

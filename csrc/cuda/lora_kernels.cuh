@@ -8,7 +8,7 @@
 // dequantized in registers. Adapters are stacked: A (n, R, K), B (n, N, R) (one adapter: n = 1,
 // index == nullptr); row m uses adapter index[m] (outside [0, n): the base only), the first
 // ranks[a] columns (clamped to [0, R]; nullptr: all R) and scale scales[a] (nullptr: `scale`).
-// keep is the counter-based dropout mask of common/lora_dropout.h (threshold 0: none).
+// keep is the counter-based dropout mask of csrc/cuda/lora_dropout.h (threshold 0: none).
 #pragma once
 
 #include <cuda_runtime.h>

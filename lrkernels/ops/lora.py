@@ -11,7 +11,7 @@ scales, dequantized on chip as `lrkernels.int8_linear` does). Ops, one per compi
   `lrkernels.triton_kernels.lora`.
 
 Dropout is a counter-based hash of (seed, row, column) (`lrkernels.reference`,
-``csrc/common/lora_dropout.h``) that every backend computes bit-identically: the mask is never
+``csrc/cuda/lora_dropout.h``) that every backend computes bit-identically: the mask is never
 stored; the backward regenerates it from the seed (a one-element int64 tensor drawn from torch's
 generator on x's device, so no host sync and nothing for torch.compile to specialise on). The
 probability is rounded to a multiple of 1/65536 and the LoRA scale is divided by the exact kept

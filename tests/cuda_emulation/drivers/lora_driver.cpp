@@ -4,7 +4,8 @@
 //                and t_out = round(t) (one adapter)
 //   path=expand: launch_lora_shrink then launch_lora_expand: y = y0 + s_m · round(t) · B[a_m]ᵀ
 //   path=mask:   launch_lora_mask: out = keep ⊙ in (exactly)
-// W is dense or int8 (float(q) · s in float32); keep is the shared hash of common/lora_dropout.h.
+// W is dense or int8 (float(q) · s in float32); keep is the shared hash of
+// csrc/cuda/lora_dropout.h.
 //
 // Case keys: path dtype=f32|f16|bf16 M N K R [base=dense|int8] [group=0|32|64|128]
 //   [n=0 (one adapter) | n adapters with per-row indices] [bad=0|1 (out-of-range indices and
@@ -15,8 +16,8 @@
 #include <string>
 #include <vector>
 
-#include "../common/lora_dropout.h"
 #include "driver_common.h"
+#include "lora_dropout.h"
 #include "lora_kernels.cuh"
 
 namespace {
