@@ -11,6 +11,7 @@ Public API:
     nn.Int8Linear, nn.quantize_linears           int8 modules and converters
     quant.quantize / quant.dequantize            int8 weight quantization
     available_backends(), not_supported_reasons(), set_default_backend()
+    explain(op, *args, **kwargs)                 which backend a call would run, and why
 """
 
 from ._source_layout import ensure_triton_kernels_package
@@ -24,6 +25,7 @@ from .backends import (  # noqa: E402
     not_supported_reasons,
     set_default_backend,
 )
+from .dispatch import explain  # noqa: E402
 from .ops.attention import block_sparse_attention, local_attention  # noqa: E402
 from .ops.int8 import int8_linear  # noqa: E402
 from .ops.lowrank import lowrank_linear  # noqa: E402
@@ -34,6 +36,7 @@ __all__ = [
     "BACKENDS",
     "available_backends",
     "block_sparse_attention",
+    "explain",
     "int8_linear",
     "local_attention",
     "lowrank_linear",
