@@ -153,12 +153,15 @@ def collect_metadata(device: torch.device) -> dict[str, str]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    commit = _git("rev-parse", "--short", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
-    dirty = "unknown" if status is None else str(bool(status))
-    if not commit:  # a copy of the tree without .git (the GPU machine): the launcher says
-        commit = os.environ.get("LRKERNELS_COMMIT") or "unknown"
+    # LRKERNELS_COMMIT (scripts/gpu_run.sh sets it; the GPU machine's copy of the tree has no
+    # .git) names the commit, else git does
+    commit = os.environ.get("LRKERNELS_COMMIT")
+    if commit:
         dirty = os.environ.get("LRKERNELS_DIRTY", "unknown")
+    else:
+        commit = _git("rev-parse", "--short", "HEAD") or "unknown"
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        dirty = "unknown" if status is None or commit == "unknown" else str(bool(status))
     return {
         "device_name": device_name(device),
         "torch_version": torch.__version__,

@@ -16,8 +16,8 @@ of that class that a benchmark measured side by side with torch's own path
 (``bench/*.py --write-table``, ``scripts/gpu_run.sh``), and the order derived from them: the
 kernels that took at most 95% of torch's time on every measured shape of the class, fastest
 (geometric mean of time / torch's time) first, then ``torch``. A kernel slower than that on one
-shape, or one that failed a benchmark's correctness check, is never chosen for that class. So where the
-table has a row, auto is never slower than torch.
+shape, or one that failed a benchmark's correctness check, is never chosen for that class. So
+where the table has a row, auto is never slower than torch.
 
 **The rules** stand in where the table has no row (another GPU, an unmeasured class): each op's
 `rule` hook names the backends in the order they are *expected* to win — a kernel only where a
@@ -27,6 +27,12 @@ Either way the first backend in the order whose `not_supported_reasons` is empty
 supports every valid input). Selection is plain dict lookups on Python ints and strings — no
 tensor data is read — so it is cheap and traces under ``torch.compile(fullgraph=True)`` (a
 shape crossing a bucket boundary recompiles, as any shape guard does).
+
+**A new op** (LoRA's, say) registers, next to its `backends.register_reasons`:
+``dispatch.register_op(op, features=..., shape_class=dispatch.linear_class, rule=...)``; its
+benchmark builds on ``bench/harness.py`` and passes ``harness.dispatch_entries(rows, op=op,
+paths={provider: backend}, features=...)`` to ``Bench.finish`` so that ``--write-table`` and
+``scripts/gpu_run.sh`` fill its rows.
 """
 
 from __future__ import annotations
@@ -506,12 +512,28 @@ def format_rows(rows: Iterable[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lrkernels.dispatch [TABLE]``: print a table's rows (default: the one in use)."""
+    """``python -m lrkernels.dispatch [TABLE]``: print a table's rows (default: the one in use);
+    ``--merge FILE``: copy FILE's rows into the packaged table (a GPU run's table), replacing
+    the rows of the same (op, device, dtype, class)."""
     import argparse
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("table", nargs="?", help=f"table file (default: {_TABLE_PATH})")
+    p.add_argument("--merge", metavar="FILE", help="merge FILE's rows into TABLE (default: the "
+                   "packaged lrkernels/dispatch_table.json)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.merge:
+        dst = Path(args.table) if args.table else PACKAGED_TABLE
+        table = read_table(dst)
+        new = read_table(args.merge)["rows"]
+        rows = _index(table["rows"])
+        rows.update(_index(new))
+        table["rows"] = sorted(
+            rows.values(), key=lambda r: (r["op"], r["device"], r["dtype"], r["class"])
+        )
+        write_table(dst, table)
+        print(f"{dst}: {len(new)} row(s) merged from {args.merge}, {len(rows)} in all")
+        return 0
     rows = read_table(args.table)["rows"] if args.table else table_rows()
     print(format_rows(rows) if rows else "(no rows: auto selection uses the rules everywhere)")
     return 0

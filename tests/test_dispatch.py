@@ -285,3 +285,21 @@ def test_selection_traces_under_compile(table, dynamic):
         lambda q: lrkernels.local_attention(q, q, q, (15, 0)), fullgraph=True, backend="eager"
     )
     torch.testing.assert_close(attn(q), lrkernels.local_attention(q, q, q, (15, 0)))
+
+
+def test_merge_a_gpu_runs_table_into_another(tmp_path, capsys):
+    key = {"device": "cuda:X", "dtype": "bfloat16", "order": ["torch"], "measured": []}
+    key |= {"excluded": {}, "source": SOURCE}
+    mine = [
+        {**key, "op": "lowrank_linear", "class": "a"},
+        {**key, "op": "int8_linear", "class": "b"},
+    ]
+    theirs = [{**key, "op": "lowrank_linear", "class": "a", "order": ["cuda", "torch"]}]
+    dst, src = tmp_path / "dst.json", tmp_path / "src.json"
+    dispatch.write_table(dst, {"format": 1, "rows": mine})
+    dispatch.write_table(src, {"format": 1, "rows": theirs})
+    assert dispatch.main([str(dst), "--merge", str(src)]) == 0
+    rows = {r["op"]: r for r in dispatch.read_table(dst)["rows"]}
+    assert rows["lowrank_linear"]["order"] == ["cuda", "torch"] and "int8_linear" in rows
+    assert dispatch.main([str(dst)]) == 0
+    assert "lowrank_linear | cuda:X | bfloat16 | a -> cuda > torch" in capsys.readouterr().out
