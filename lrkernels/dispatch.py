@@ -512,7 +512,7 @@ def format_rows(rows: Iterable[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lrkernels.dispatch [TABLE]``: print a table's rows (default: the one in use);
+    """``python -m lrkernels [TABLE]``: print a table's rows (default: the one in use);
     ``--merge FILE``: copy FILE's rows into the packaged table (a GPU run's table), replacing
     the rows of the same (op, device, dtype, class)."""
     import argparse

@@ -159,7 +159,7 @@ summary() {
     echo "=== verdicts of the full sweeps"
     grep -hE '(PASS|MISS)$' "$RES"/sweep-*.log 2>/dev/null || echo "(none)"
     echo
-    echo "=== dispatch table (merge it: python -m lrkernels.dispatch --merge gpu_run/dispatch_table.json)"
+    echo "=== dispatch table (merge it: python -m lrkernels --merge gpu_run/dispatch_table.json)"
     cat "$RES/dispatch_table.txt" 2>/dev/null || echo "(not printed yet)"
     echo
     if [ "$FAILED" -eq 0 ]; then echo "ALL STEPS PASSED"; else echo "SOME STEPS FAILED"; fi
@@ -369,7 +369,7 @@ sweep sweep-attn bench/attn.py 1 60 "${BENCH_ATTN_ARGS:-}"
 
 # ---------------------------------------------------------------------------- 5. table
 if [ -f "$RES/dispatch_table.json" ]; then
-  run_step table dispatch_table.txt 30 0 "$PY" -m lrkernels.dispatch "$RES/dispatch_table.json"
+  run_step table dispatch_table.txt 30 0 "$PY" -m lrkernels "$RES/dispatch_table.json"
 else
   echo "no dispatch table was written" | tee "$RES/dispatch_table.txt"
   record FAIL table 0 "no benchmark wrote a row"
