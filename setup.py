@@ -113,6 +113,7 @@ setup(
     description="Fused low-rank, sparse-attention and int8 kernels for PyTorch (CUDA C++ and Triton)",
     packages=find_packages(include=["lrkernels", "lrkernels.*"]) + ["lrkernels.triton_kernels"],
     package_dir={"lrkernels.triton_kernels": "triton_kernels"},
+    package_data={"lrkernels": ["dispatch_table.json"]},  # auto selection's measured table
     python_requires=">=3.10",
     install_requires=["torch>=2.11", "numpy", "safetensors"],
     ext_modules=ext_modules,

@@ -3,6 +3,9 @@ FlexAttention and SDPA, side by side.
 
     python bench/attn.py                    # full sweep (GPU if one is visible, else a CPU sweep)
     python bench/attn.py --quick            # GPU: S 4k/16k, causal window 512, D 128, bf16, fwd+bwd
+    python bench/attn.py --headline         # the goals' problems: S 16k window 512 fwd + bwd,
+                                            # dense causal 8k fwd (D 128, B·H 32, bf16)
+    python bench/attn.py --write-table      # also record the times in the dispatch table
     python bench/attn.py --seq 4096 65536 --window c512 s256 --head-dim 128 --pass fwd bwd \\
         --pattern local causal --providers lrkernels-cuda,flex-attention,sdpa-causal
 
@@ -19,20 +22,24 @@ Providers: lrkernels-cuda, lrkernels-triton, lrkernels-cpu (lrkernels.block_spar
 with that backend); flex-attention (torch.compile(flex_attention, dynamic=False) with
 lrkernels.masks.to_flex_block_mask of the layout: the speedup baseline); sdpa-masked
 (F.scaled_dot_product_attention with the dense boolean mask, S <= 8192 on GPU / 1024 on CPU:
-O(S^2) memory and work); sdpa-causal (dense causal SDPA, is_causal=True: what no sparsity costs;
-its time does not depend on the window, so it is measured once per shape and pass and reused);
-reference (lrkernels' torch backend, S <= 4096 on GPU).
+O(S^2) memory and work); sdpa-causal (dense causal SDPA, is_causal=True, on a GPU its flash
+backend only: what no sparsity costs; its time does not depend on the window, so it is measured
+once per shape and pass and reused); reference (lrkernels' torch backend, S <= 4096 on GPU). The
+backends and reference are the dispatch paths whose times --write-table records (inference
+classes from fwd, training classes from fwd+bwd or the sum of fwd and bwd).
 
 Passes (--pass): fwd (out only, no autograd), bwd (the gradients of q, k, v from a saved
 forward: autograd.grad with retain_graph), fwd+bwd (both).
 
 Cross-check before timing: every provider's out (and dq, dk, dv for bwd passes) is compared with
 lrkernels' torch backend run in float32 on the same inputs (dense, so one batch and kv-head
-group at a time), where that is affordable (GPU: S <= 32k with MHA, 16k with GQA 4:1); beyond,
-with the output of lrkernels-triton (or -cuda), which must itself agree with another
-implementation (lrkernels-cuda, else FlexAttention). Bounds per dtype from bench.harness (twice
-those for gradients). A wrong provider is FAILED, never timed, and makes the exit status 1.
-sdpa-causal is checked against the dense causal result.
+group at a time; on a GPU only batch 0's first group, --check-heads: seconds, not minutes),
+where that is affordable (GPU: S <= 32k with MHA, 16k with GQA 4:1); beyond, with the output of
+lrkernels-triton (or -cuda), which must itself agree with another implementation
+(lrkernels-cuda, else FlexAttention). lrkernels-cuda and lrkernels-triton must also agree with
+each other on every output element. Bounds per dtype from bench.harness (twice those for
+gradients). A wrong provider is FAILED, never timed, and makes the exit status 1. sdpa-causal is
+checked against the dense causal result.
 
 FLOPs (FlashAttention's convention, lrkernels.roofline.attention_cost): forward 4·D per
 visible (query, key) pair (two matmuls, 2 FLOPs a multiply-add), backward 2.5x that, fwd+bwd
@@ -47,13 +54,16 @@ call, minus what was allocated before it (n/a on CPU).
 
 Rows go to <out>/attn-<device>.csv (after every problem); the headline config's time-vs-S chart
 (log-log, with a slope-1 line) to <out>/attn-<device>.svg; a "linearity" line per provider:
-time(64k)/time(4k) / 16 (1.0 = linear in S). On a GPU the targets (goals, not asserts) are
-printed as PASS/MISS. On a CPU the sweep is small and says so.
+time(64k)/time(4k) / 16 (1.0 = linear in S). On a CPU the sweep is small and says so.
+
+Goals (issue 10; H100/H200, bf16; PASS/MISS, not asserts): at S=16k, causal window 512, D 128,
+B·H 32: forward >= 300 TFLOP/s on computed blocks in <= 0.9x compiled FlexAttention's time,
+backward >= 200 TFLOP/s in <= 1.0x its time; dense causal S=8k forward >= 0.8x the speed of
+SDPA's flash backend; time within 10% of linear in S from 4k to 64k.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import inspect
@@ -75,8 +85,8 @@ import lrkernels
 from bench import harness
 from bench.harness import Provider, ProviderSkip, Row
 from bench.plot import write_svg
-from lrkernels import _ext
-from lrkernels.roofline import DevicePeaks, attention_cost, measure_peaks, roofline_time
+from lrkernels import _ext, dispatch
+from lrkernels.roofline import DevicePeaks, attention_cost, roofline_time
 
 OP = "block_sparse_attention"
 BASELINE = "flex-attention"
@@ -92,14 +102,12 @@ ALL_PROVIDERS = [
 ]
 PATTERNS = ("local", "causal", "longformer", "bigbird", "dilated")
 PASSES = ("fwd", "bwd", "fwd+bwd")
-DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
+DTYPES = harness.DTYPES
+DISPATCH_PATHS = {
+    "lrkernels-cuda": "cuda",
+    "lrkernels-triton": "triton",
+    "lrkernels-cpu": "cpu",
+    "reference": "torch",
 }
 # Per (device, quick): the sweep. The first value of each list is the headline one (run first).
 # kv_heads None means "Hq and Hq / 4" (MHA and its GQA variant).
@@ -156,9 +164,32 @@ HEADLINE = {
 }
 # default layout blocks: the GPU kernels' tile; smaller on CPU, where the sizes are small
 BLOCK = {"cuda": 128, "cpu": 64}
+# --headline: (pattern, window, S, D, B, Hq, Hkv, dtype, passes) — the problems the goals name;
+# on a CPU, small stand-ins that run the same code paths
+HEADLINE_PROBLEMS = {
+    "cuda": [
+        ("local", "c512", 16384, 128, 2, 16, 16, "bf16", ("fwd", "bwd")),
+        ("causal", None, 8192, 128, 2, 16, 16, "bf16", ("fwd",)),
+    ],
+    "cpu": [
+        ("local", "c64", 256, 32, 1, 2, 2, "fp32", ("fwd", "bwd")),
+        ("causal", None, 256, 32, 1, 2, 2, "fp32", ("fwd",)),
+    ],
+}
 TARGET_SEQ = 16384
+CAUSAL_TARGET_SEQ = 8192
 LINEARITY_SEQ = (4096, 65536)
-TARGETS = {"fwd_tflops": 300.0, "bwd_tflops": 200.0, "vs_flex": 1.0, "linearity": 0.10}
+# issue 10: forward >= 300 TFLOP/s and <= 0.9x FlexAttention's time; backward >= 200 TFLOP/s and
+# <= 1.0x FlexAttention's; dense causal 8k forward >= 0.8x SDPA's flash backend; time within 10%
+# of linear in S
+TARGETS = {
+    "fwd_tflops": 300.0,
+    "bwd_tflops": 200.0,
+    "fwd_time_vs_flex": 0.9,
+    "bwd_time_vs_flex": 1.0,
+    "causal_vs_sdpa": 0.8,
+    "linearity": 0.10,
+}
 SDPA_MASKED_MAX_SEQ = {"cuda": 8192, "cpu": 1024}
 REFERENCE_MAX_SEQ = {"cuda": 4096, "cpu": 1 << 30}
 # The float32 torch-backend check (dense: Sq x Sk scores) runs one (batch, kv head) group of
@@ -651,12 +682,35 @@ def _sdpa_masked_build(inp: dict):
 
 
 def _sdpa_causal_build(inp: dict):
-    gqa, scale = inp["prob"].Hq != inp["prob"].Hkv, inp["scale"]
+    """Dense causal SDPA: on a GPU its flash backend only (the yardstick of the dense causal
+    goal), skipped with torch's reason where flash refuses the case; on a CPU torch's choice."""
+    prob = inp["prob"]
+    gqa, scale = prob.Hq != prob.Hkv, inp["scale"]
+    if inp["device"].type != "cuda":
 
-    def op(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        def op(q, k, v):
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=gqa
+            )
 
-    return pass_callable(op, inp)
+        return pass_callable(op, inp)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if prob.dtype not in (torch.float16, torch.bfloat16):
+        raise ProviderSkip(f"SDPA's flash backend takes float16 / bfloat16, not {prob.dname}")
+
+    def flash(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=scale, enable_gqa=gqa
+            )
+
+    try:
+        fn = pass_callable(flash, inp)
+        fn()
+    except RuntimeError as e:  # flash refuses the case: torch's limitation, reported
+        raise ProviderSkip(f"SDPA's flash backend refused: {harness._one_line(e)}") from e
+    return fn
 
 
 def make_providers(names: list[str]) -> list[Provider]:
@@ -728,6 +782,7 @@ class AttnRow(Row):
     grad_max_err: float = math.nan
     grad_err_bound: float = math.nan
     checked_against: str = ""
+    features: dict | None = None  # the op's dispatch features (lrkernels.dispatch), no column
 
     @property
     def useful_tflops(self) -> float:
@@ -758,6 +813,7 @@ class Expected:
     tensors: tuple[torch.Tensor, ...] | None
     anchor: str | None = None  # the provider whose own output this is (agreement mode)
     why_none: str = ""
+    heads: tuple[slice, slice] | None = None  # (q heads, kv heads) of batch 0, if a slice
 
 
 OUT_KEYS = ("q", "k", "v", "dout")
@@ -778,19 +834,26 @@ def _slice_layout(layout, b: int, heads: slice):
     return dataclasses.replace(layout, **changes)
 
 
-def _torch_reference(inp: dict, layout, grads: bool) -> tuple[torch.Tensor, ...]:
+def _torch_reference(
+    inp: dict, layout, grads: bool, first_only: bool = False
+) -> tuple[torch.Tensor, ...]:
     """lrkernels' torch backend in float32, one (batch, group of kv heads) at a time so that
-    its dense Sq x Sk scores stay within REF_MAX_CHUNK_SCORES; (out[, dq, dk, dv])."""
+    its dense Sq x Sk scores stay within REF_MAX_CHUNK_SCORES; (out[, dq, dk, dv]). With
+    `first_only`, the first such chunk only (batch 0, the first kv heads and their query heads):
+    tensors of the slice's shape."""
     prob, dev = inp["prob"], inp["device"]
     g = prob.Hq // prob.Hkv
     per_kv = g * prob.S * prob.S
     kv_step = max(1, min(prob.Hkv, REF_MAX_CHUNK_SCORES[dev.type] // per_kv))
     q, k, v, dout = (inp[n] for n in OUT_KEYS)
+    if first_only:
+        ks, qs = slice(0, kv_step), slice(0, kv_step * g)
+        q, dout, k, v = q[:1, qs], dout[:1, qs], k[:1, ks], v[:1, ks]
     res = [torch.empty(q.shape, dtype=torch.float32, device=dev)]
     if grads:
         res += [torch.empty(t.shape, dtype=torch.float32, device=dev) for t in (q, k, v)]
-    for b in range(prob.B):
-        for h0 in range(0, prob.Hkv, kv_step):
+    for b in range(1 if first_only else prob.B):
+        for h0 in range(0, k.shape[1], kv_step):
             ks = slice(h0, min(h0 + kv_step, prob.Hkv))
             qs = slice(ks.start * g, ks.stop * g)
             part = {"q": q[b : b + 1, qs], "dout": dout[b : b + 1, qs]}
@@ -842,8 +905,19 @@ def expected_for(inp: dict, which: str) -> Expected:
     affordable = (prob.Hq // prob.Hkv) * prob.S * prob.S <= REF_MAX_CHUNK_SCORES[device.type]
     if affordable or anchor is None:
         try:
-            t = _torch_reference(inp, layout, grads)
-            exp = Expected(f"torch backend, float32{what}", t)
+            first = inp["check_heads"] == "first" and (prob.B > 1 or prob.Hkv > 1)
+            t = _torch_reference(inp, layout, grads, first_only=first)
+            if first:
+                kv = t[-1].shape[1] if grads else t[0].shape[1] // (prob.Hq // prob.Hkv)
+                heads = (slice(0, kv * (prob.Hq // prob.Hkv)), slice(0, kv))
+                exp = Expected(
+                    f"torch backend, float32{what}, batch 0, heads {heads[0].start}-"
+                    f"{heads[0].stop - 1}",
+                    t,
+                    heads=heads,
+                )
+            else:
+                exp = Expected(f"torch backend, float32{what}", t)
         except torch.cuda.OutOfMemoryError as e:
             if anchor is None:
                 exp = Expected("", None, why_none=f"out of memory in the reference ({e})"[:200])
@@ -871,11 +945,15 @@ def expected_for(inp: dict, which: str) -> Expected:
     return exp
 
 
-def compare_all(outs, expected: tuple[torch.Tensor, ...], dtype: torch.dtype):
-    """(out rel, out max, grad rel, grad max, failure message or '')."""
+def compare_all(outs, expected: tuple[torch.Tensor, ...], dtype: torch.dtype, heads=None):
+    """(out rel, out max, grad rel, grad max, failure message or ''); with `heads` (q heads,
+    kv heads), the outputs' batch 0 and those heads are compared with `expected`."""
     if torch.is_tensor(outs):
         outs = (outs,)
     outs = tuple(outs)
+    if heads is not None:
+        qs, ks = heads
+        outs = tuple(t[:1, qs if i < 2 else ks] for i, t in enumerate(outs))
     if len(outs) != len(expected):
         msg = f"returned {len(outs)} tensor(s), expected {', '.join(OUT_NAMES[: len(expected)])}"
         return math.nan, math.nan, math.nan, math.nan, msg
@@ -925,7 +1003,9 @@ def run_pass(
     timer_kw: dict,
     reuse: dict,
 ) -> list[AttnRow]:
-    """Check, then time, every provider on one (problem, pass); one AttnRow each."""
+    """Check every provider on one (problem, pass), then time those that passed; one AttnRow
+    each. lrkernels-cuda and lrkernels-triton must also agree with each other on the whole
+    outputs (gradients included), beyond the reference's slice of heads."""
     prob, pas, device = inp["prob"], inp["pass"], inp["device"]
     grads = pas != "fwd"
     shape = {
@@ -945,6 +1025,8 @@ def run_pass(
     rel_b = harness.ERROR_BOUNDS[prob.dtype][0]
     rows: dict[str, AttnRow] = {}
     kept: dict[str, tuple] = {}  # agreement mode: a provider's check result vs the anchor
+    fns: dict[str, Callable] = {}  # the providers that passed their check, to be timed
+    agree: dict[str, object] = {}  # whole outputs of the providers in harness.AGREE
     order = list(providers)
     main = expected_for(inp, "main") if inp["main_needed"] else None
     anchor = main.anchor if main is not None else None
@@ -992,7 +1074,7 @@ def run_pass(
         if prov.name == exp.anchor:
             row.status = _judge_anchor(row, kept, outs, want, prob.dtype)
         else:
-            rel, mx, grel, gmx, msg = compare_all(outs, want, prob.dtype)
+            rel, mx, grel, gmx, msg = compare_all(outs, want, prob.dtype, exp.heads)
             row.rel_err, row.max_err, row.grad_rel_err, row.grad_max_err = rel, mx, grel, gmx
             row.checked_against = exp.label
             if exp.anchor is not None and which == "main":
@@ -1000,18 +1082,32 @@ def run_pass(
             if msg:
                 who = f" {exp.anchor} (agreement check)" if exp.anchor else " the reference"
                 row.status = f"FAILED vs{who}: {msg}"
-        del outs
+        if row.ok:
+            fns[prov.name] = fn
+            if prov.name in harness.AGREE:
+                agree[prov.name] = outs
+        del outs, fn
+
+    for name, status in harness.agreement_failures(agree, prob.dtype).items():
+        rows[name].status = status
+    agree.clear()
+    for name, fn in fns.items():
+        row = rows[name]
         if not row.ok:
             continue
         med, p20, p80, n, how = harness.time_fn(fn, device, **timer_kw)
         row.ms_median, row.ms_p20, row.ms_p80, row.n_runs, row.timing = med, p20, p80, n, how
         row.peak_mem_mib = _peak_mib(fn, device)
         row.roofline_ms = roofline_time(row.flops, row.bytes, peaks) * 1e3
-        if prov.name == DENSE_BASELINE:
+        if name == DENSE_BASELINE:
+            which = "causal" if prob.pattern != "causal" else "main"
+            rkey = (name, prob.S, prob.D, prob.B, prob.Hq, prob.Hkv, prob.dname, pas, which)
             reuse[rkey] = (row, prob.describe())
-        del fn
+    fns.clear()
 
     out = [rows[p.name] for p in providers]
+    for r in out:
+        r.features = inp.get("features", {}).get(pas)
     base = rows.get(BASELINE)
     dense = rows.get(DENSE_BASELINE)
     for r in out:
@@ -1062,9 +1158,13 @@ def run_problem(
     width: int,
     seed: int,
     deadline: float | None,
+    check_heads: str = "all",
 ) -> tuple[list[AttnRow], int, str]:
-    """All passes of one problem: (rows, passes not run for lack of time, header text)."""
+    """All passes of one problem: (rows, passes not run for lack of time, header text).
+    `check_heads`: "all" checks every head against the float32 reference, "first" batch 0's
+    first kv-head group only (lrkernels-cuda and -triton must then agree on the rest)."""
     inp: dict = {"prob": prob, "device": device, "scale": prob.D**-0.5, "cache": {}}
+    inp["check_heads"] = check_heads
     fail_all = ""
     try:
         layout, told = build_layout(prob, width, device)
@@ -1132,6 +1232,7 @@ def run_problem(
     rows: list[AttnRow] = []
     if not fail_all:
         inp.update(make_inputs(prob, device, seed))
+        inp["features"] = _dispatch_features(inp, passes)
     else:
         inp.update(dict.fromkeys(OUT_KEYS))
     left = 0
@@ -1147,11 +1248,49 @@ def run_problem(
     return rows, left, header
 
 
+def _dispatch_features(inp: dict, passes: list[str]) -> dict[str, dict | None]:
+    """Per pass, the op's dispatch features of this problem (lrkernels.dispatch): inference
+    for the forward, training for the passes with gradients."""
+    hooks = dispatch.hooks(OP)
+    if hooks is None or not hasattr(inp["layout"], "kv_indices"):
+        return {}
+    f = hooks.features(inp["q"], inp["k"], inp["v"], inp["layout"])
+    return {p: {**f, "mode": "infer" if p == "fwd" else "train"} for p in passes}
+
+
+def dispatch_entries(rows: list[AttnRow], device: torch.device) -> list[dict]:
+    """The table entries of a run: inference classes from the forward rows, training classes
+    from the fwd+bwd rows, or from the sums of a problem's forward and backward times."""
+    train = {}
+    for r in rows:
+        if r.shape["pass"] != "bwd" or r.features is None:
+            continue
+        key = {**r.shape, "pass": "fwd"}
+        fwd = next((f for f in rows if f.provider == r.provider and f.shape == key), None)
+        has_sum = any(f.shape == {**r.shape, "pass": "fwd+bwd"} for f in rows)
+        if fwd is None or has_sum:
+            continue
+        total = dataclasses.replace(r, shape={**r.shape, "pass": "fwd+bwd (sum)"})
+        if fwd.failed or r.failed:
+            total.status = fwd.status if fwd.failed else r.status
+        elif fwd.ok and r.ok:
+            total.ms_median = fwd.ms_median + r.ms_median
+        else:
+            total.status = "skipped"
+        train[(r.provider, str(total.shape))] = total
+    return harness.dispatch_entries(
+        rows + list(train.values()),
+        op=OP,
+        paths=DISPATCH_PATHS,
+        features=lambda r: None if r.shape["pass"] == "bwd" else r.features,
+        device=device,
+    )
+
+
 # ------------------------------------------------------------------------------ CLI
 
 
-def _flat(values) -> list[str]:
-    return [v for item in values for v in str(item).split(",") if v]
+_flat = harness.flat
 
 
 def _ints(values, what: str) -> list[int]:
@@ -1165,35 +1304,47 @@ def _ints(values, what: str) -> list[int]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a handful of rows")
-    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
-    p.add_argument("--seq", nargs="+", help="sequence lengths (queries = keys)")
-    p.add_argument(
+    p = harness.make_parser(__doc__, ALL_PROVIDERS, unit="problem")
+    g = p.add_argument_group("problems (default: the sweep's)")
+    g.add_argument("--seq", nargs="+", help="sequence lengths S (queries = keys)")
+    g.add_argument(
         "--window",
         nargs="+",
-        help="local windows: cW (causal, W keys), sW (W each side), L:R (FlashAttention)",
+        help="local windows: cW (causal, W keys), sW (W each side), L:R (FlashAttention's)",
     )
-    p.add_argument("--head-dim", nargs="+", help="head dims D")
-    p.add_argument("--batch", nargs="+", help="batch sizes B")
-    p.add_argument("--heads", nargs="+", help="query heads Hq")
-    p.add_argument("--kv-heads", nargs="+", help="key/value heads Hkv (default Hq and Hq/4)")
-    p.add_argument("--dtype", nargs="+", help="bf16, fp16, fp32 (space or comma separated)")
-    p.add_argument("--pass", dest="passes", nargs="+", help=f"subset of {','.join(PASSES)}")
-    p.add_argument("--pattern", nargs="+", help=f"subset of {','.join(PATTERNS)}")
-    p.add_argument("--providers", nargs="+", help=f"subset of {','.join(ALL_PROVIDERS)}")
-    p.add_argument(
-        "--block-q", type=int, help=f"layout query block (GPU kernels: 64 or 128; default {BLOCK})"
+    g.add_argument("--head-dim", nargs="+", help="head dims D")
+    g.add_argument("--batch", nargs="+", help="batch sizes B")
+    g.add_argument("--heads", nargs="+", help="query heads Hq")
+    g.add_argument(
+        "--kv-heads", nargs="+", help="key/value heads Hkv (default: Hq and Hq/4, MHA and GQA)"
     )
-    p.add_argument("--block-k", type=int, help="layout key block (default: as --block-q)")
-    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="output folder")
-    p.add_argument("--no-plot", action="store_true", help="skip the SVG")
-    p.add_argument("--warm-l2", action="store_true", help="GPU: do not flush L2 between runs")
-    p.add_argument("--rep-ms", type=float, help="time budget per measurement (ms)")
-    p.add_argument("--max-seconds", type=float, help="start no new problem after this many seconds")
-    p.add_argument("--threads", type=int, help="CPU: torch.set_num_threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
+    g.add_argument("--pass", dest="passes", nargs="+", help=f"any of {', '.join(PASSES)}")
+    g.add_argument("--pattern", nargs="+", help=f"any of {', '.join(PATTERNS)}")
+    g.add_argument(
+        "--block-q",
+        type=int,
+        help=f"layout query block (the GPU kernels take 64 or 128; default: {BLOCK['cuda']} on "
+        f"a GPU, {BLOCK['cpu']} on a CPU)",
+    )
+    g.add_argument("--block-k", type=int, help="layout key block (default: as --block-q)")
+    g.add_argument(
+        "--check-heads",
+        choices=["first", "all"],
+        help="heads checked against the float32 reference: 'first' (batch 0's first kv-head "
+        "group; lrkernels-cuda and -triton must agree on all) or 'all' (default: first on a "
+        "GPU, all on a CPU)",
+    )
     return p.parse_args(argv)
+
+
+def headline_problems(device_type: str) -> list[tuple[Problem, list[str]]]:
+    """The --headline problems with their passes (HEADLINE_PROBLEMS)."""
+    out = []
+    for pattern, win, S, D, B, H, Hkv, dt, passes in HEADLINE_PROBLEMS[device_type]:
+        window = parse_window(win) if win else None
+        bs = BLOCK[device_type]
+        out.append((Problem(pattern, window, S, D, B, H, Hkv, DTYPES[dt], bs, bs), list(passes)))
+    return out
 
 
 def build_problems(args, device_type: str) -> tuple[list[Problem], list[str], int]:
@@ -1201,7 +1352,7 @@ def build_problems(args, device_type: str) -> tuple[list[Problem], list[str], in
     headline config first, then configs that differ from it in one setting, then two, ...;
     within a config the target lengths (16k, 4k, 64k) first, then S ascending (a run cut short
     keeps the most important rows)."""
-    sw = SWEEPS[(device_type, args.quick)]
+    sw = SWEEPS[(device_type, bool(args.quick))]
     seqs = _ints(args.seq, "seq") if args.seq else sw["seq"]
     windows = [parse_window(w) for w in _flat(args.window)] if args.window else None
     windows = windows or [parse_window(w) for w in sw["window"]]
@@ -1260,23 +1411,7 @@ def build_problems(args, device_type: str) -> tuple[list[Problem], list[str], in
 
 
 def write_csv(path: Path, rows: list[AttnRow], meta: dict, peaks_by_dtype: dict) -> Path:
-    import csv
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cols = harness.csv_columns(rows)
-    at = cols.index(harness.META_COLUMNS[0])
-    cols = cols[:at] + EXTRA_COLUMNS + cols[at:]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=cols, restval="")
-        w.writeheader()
-        for r in rows:
-            d = harness.row_dict(r, meta, peaks_by_dtype.get(r.dtype))
-            d.update({c: harness._fmt(getattr(r, c)) for c in EXTRA_COLUMNS})
-            w.writerow(d)
-    tmp.replace(path)
-    return path
+    return harness.write_csv(path, rows, meta, peaks_by_dtype, extra=EXTRA_COLUMNS)
 
 
 def format_table(rows: list[AttnRow]) -> str:
@@ -1396,18 +1531,23 @@ def write_plot(path: Path, rows: list[AttnRow], device_type: str, device_label: 
 
 
 def targets_summary(rows: list[AttnRow]) -> list[str]:
-    """The GPU goals at the headline config and S=16384: PASS/MISS (goals, not asserts)."""
+    """The goals of issue 10 at the headline config (S=16384) and at dense causal S=8192:
+    PASS/MISS (goals, not asserts)."""
     key = HEADLINE["cuda"]
-    gpu = [r for r in rows if r.device == "cuda" and _config_of(r) == key]
+    gpu = [r for r in rows if r.device == "cuda" and r.ok]
+    at_key = [r for r in gpu if _config_of(r) == key]
+    t = TARGETS
     lines = [
-        f"attention targets at {config_label(key, '')}, S={TARGET_SEQ} (goals, not asserts; "
-        f"set for an H100): forward >= {TARGETS['fwd_tflops']:g} TFLOP/s on computed blocks "
-        f"and not slower than {BASELINE}; backward >= {TARGETS['bwd_tflops']:g} TFLOP/s; time "
-        f"within {100 * TARGETS['linearity']:.0f}% of linear in S from 4096 to 65536"
+        f"attention targets (issue 10) at {config_label(key, '')}, S={TARGET_SEQ} (goals, not "
+        f"asserts): forward >= {t['fwd_tflops']:g} TFLOP/s on computed blocks in <= "
+        f"{t['fwd_time_vs_flex']:g}x {BASELINE}'s time; backward >= {t['bwd_tflops']:g} "
+        f"TFLOP/s in <= {t['bwd_time_vs_flex']:g}x its time; dense causal S={CAUSAL_TARGET_SEQ} "
+        f"forward >= {t['causal_vs_sdpa']:g}x the speed of SDPA's flash backend; time within "
+        f"{100 * t['linearity']:.0f}% of linear in S from 4096 to 65536"
     ]
     provs = [p for p in dict.fromkeys(r.provider for r in gpu) if p.startswith("lrkernels-")]
     if not provs:
-        return lines + ["  no lrkernels provider was run at the headline config on a GPU"]
+        return lines + ["  no lrkernels provider was run at the goals' problems on a GPU"]
 
     def verdict(ok: bool) -> str:
         return "PASS" if ok else "MISS"
@@ -1416,53 +1556,78 @@ def targets_summary(rows: list[AttnRow]) -> list[str]:
         return next(
             (
                 r
-                for r in gpu
-                if r.provider == p
-                and r.ok
-                and r.shape["pass"] == pas
-                and r.shape["S"] == TARGET_SEQ
+                for r in at_key
+                if r.provider == p and r.shape["pass"] == pas and r.shape["S"] == TARGET_SEQ
             ),
             None,
         )
 
-    fwd_rows = [r for r in gpu if r.shape["pass"] == "fwd"]
-    lin = linearity(fwd_rows)
+    causal_key = ("causal", None, *key[2:])
+    lin = linearity([r for r in at_key if r.shape["pass"] == "fwd"])
     for p in provs:
-        f, b = at(p, "fwd"), at(p, "bwd")
-        if f is None:
-            lines.append(f"  {p}: forward at S={TARGET_SEQ}: not measured")
-        else:
-            goal = TARGETS["fwd_tflops"]
+        for pas, name in (("fwd", "forward"), ("bwd", "backward")):
+            r = at(p, pas)
+            if r is None:
+                lines.append(f"  {p}: {name} at S={TARGET_SEQ}: not measured")
+                continue
+            goal = t[f"{pas}_tflops"]
             lines.append(
-                f"  {p}: forward {f.tflops:.1f} TFLOP/s on computed blocks "
-                f"({f.useful_tflops:.1f} useful, {f.ms_median:.3f} ms) (goal >= {goal:g}) "
-                f"{verdict(f.tflops >= goal)}"
+                f"  {p}: {name} {r.tflops:.1f} TFLOP/s on computed blocks "
+                f"({r.useful_tflops:.1f} useful, {r.ms_median:.3f} ms) (goal >= {goal:g}) "
+                f"{verdict(r.tflops >= goal)}"
             )
-            if math.isnan(f.speedup):
-                lines.append(f"  {p}: forward vs {BASELINE}: {BASELINE} not timed")
+            limit = t[f"{pas}_time_vs_flex"]
+            if math.isnan(r.speedup):
+                lines.append(f"  {p}: {name} vs {BASELINE}: {BASELINE} not timed")
             else:
+                ratio = 1 / r.speedup
                 lines.append(
-                    f"  {p}: forward vs {BASELINE}: {f.speedup:.2f}x (goal >= 1.0x) "
-                    f"{verdict(f.speedup >= TARGETS['vs_flex'])}"
+                    f"  {p}: {name} time {ratio:.2f}x {BASELINE}'s (goal <= {limit:g}x) "
+                    f"{verdict(ratio <= limit)}"
                 )
-        if b is None:
-            lines.append(f"  {p}: backward at S={TARGET_SEQ}: not measured")
+        c = next(
+            (
+                r
+                for r in gpu
+                if r.provider == p
+                and _config_of(r) == causal_key
+                and r.shape["pass"] == "fwd"
+                and r.shape["S"] == CAUSAL_TARGET_SEQ
+            ),
+            None,
+        )
+        if c is None or math.isnan(c.vs_sdpa_causal):
+            what = "not measured" if c is None else f"{DENSE_BASELINE} not timed"
+            lines.append(f"  {p}: dense causal S={CAUSAL_TARGET_SEQ} forward: {what}")
         else:
-            goal = TARGETS["bwd_tflops"]
             lines.append(
-                f"  {p}: backward {b.tflops:.1f} TFLOP/s on computed blocks "
-                f"({b.useful_tflops:.1f} useful, {b.ms_median:.3f} ms) (goal >= {goal:g}) "
-                f"{verdict(b.tflops >= goal)}"
+                f"  {p}: dense causal S={CAUSAL_TARGET_SEQ} forward: {c.vs_sdpa_causal:.2f}x "
+                f"the speed of {DENSE_BASELINE} (goal >= {t['causal_vs_sdpa']:g}x) "
+                f"{verdict(c.vs_sdpa_causal >= t['causal_vs_sdpa'])}"
             )
         if p in lin and lin[p][:2] == LINEARITY_SEQ:
-            t = lin[p][2]
+            ratio = lin[p][2]
             lines.append(
-                f"  {p}: time(65536)/time(4096) / 16 = {t:.3f} (goal within 10% of 1.0) "
-                f"{verdict(abs(t - 1) <= TARGETS['linearity'])}"
+                f"  {p}: time(65536)/time(4096) / 16 = {ratio:.3f} (goal within 10% of 1.0) "
+                f"{verdict(abs(ratio - 1) <= t['linearity'])}"
             )
         else:
             lines.append(f"  {p}: linearity 4096 -> 65536: not measured")
     return lines
+
+
+def is_headline(r: AttnRow) -> bool:
+    for pattern, win, S, D, B, H, Hkv, dt, passes in HEADLINE_PROBLEMS[r.device]:
+        s = r.shape
+        window = parse_window(win) if win else None
+        if (
+            (s["pattern"], s["S"], s["D"], s["B"], s["Hq"], s["Hkv"]) == (pattern, S, D, B, H, Hkv)
+            and r.dtype == str(DTYPES[dt])[6:]
+            and s["pass"] in passes
+            and (window is None or (s["window_left"], s["window_right"]) == window)
+        ):
+            return True
+    return False
 
 
 # ------------------------------------------------------------------------------ main
@@ -1472,155 +1637,98 @@ def main(argv: list[str] | None = None, extra_providers: list[Provider] | None =
     """Run the benchmark; returns the exit status (1 iff a correctness check failed).
     `extra_providers` adds providers (tests inject a deliberately wrong one)."""
     args = parse_args(argv)
-    t_start = time.monotonic()
-    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
-    device = (
-        torch.device(device_type, torch.cuda.current_device())
-        if device_type == "cuda"
-        else torch.device("cpu")
-    )
     missing = ops_missing()
     if missing:
         raise SystemExit(f"bench/attn.py: {missing}; nothing to benchmark")
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
-    names = _flat(args.providers) if args.providers else list(ALL_PROVIDERS)
-    bad = [n for n in names if n not in ALL_PROVIDERS]
-    if bad:
-        raise SystemExit(f"unknown provider(s) {bad}; choose from {ALL_PROVIDERS}")
-    left_out: list[tuple[str, str]] = []
-    if not args.providers:  # by default only the library backends made for this device
-        avail = lrkernels.available_backends()
-        other = {"cpu": ("lrkernels-cuda", "lrkernels-triton"), "cuda": ("lrkernels-cpu",)}
-        for n in other[device_type]:
-            why = avail.get(n.split("-", 1)[1]) or f"not a {device_type} backend"
-            left_out.append((n, why))
-        if device_type == "cpu" and args.quick:
-            left_out.append(
-                (
-                    BASELINE,
-                    "--quick on CPU: torch.compile of flex_attention takes ~15 s a shape "
-                    "here; name it in --providers to run it",
-                )
+    def flex_left_out(device_type: str) -> list[tuple[str, str]]:
+        if device_type == "cpu" and (args.quick or args.headline):
+            why = (
+                f"--{'quick' if args.quick else 'headline'} on CPU: torch.compile of "
+                "flex_attention takes ~15 s a shape here; name it in --providers to run it"
             )
-        names = [n for n in names if n not in {n for n, _ in left_out}]
-    if device_type == "cpu":
-        import torch._inductor.config as inductor_config
+            return [(BASELINE, why)]
+        return []
 
-        inductor_config.compile_threads = 1  # compile workers would compete with timed kernels
-    if BASELINE in names:  # one compile per shape and pass: stay clear of the recompile limit
+    run = harness.Bench(
+        name="attn",
+        op=OP,
+        args=args,
+        all_providers=ALL_PROVIDERS,
+        baseline=BASELINE,
+        extra_left_out=flex_left_out,
+        require_baseline=False,
+    )
+    if BASELINE in run.provider_names:  # one compile per shape and pass: clear of the limit
         import torch._dynamo.config as dynamo_config
 
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
         dynamo_config.accumulated_recompile_limit = max(
             dynamo_config.accumulated_recompile_limit, 4096
         )
-    providers = make_providers(names) + list(extra_providers or [])
-
-    problems, passes, width = build_problems(args, device_type)
-    out_dir = Path(args.out)
-    slug = harness.device_slug(device)
-    csv_path = out_dir / f"attn-{slug}.csv"
-    svg_path = out_dir / f"attn-{slug}.svg"
-    meta = harness.collect_metadata(device)
-    timer_kw: dict = {}
-    if device_type == "cuda":
-        timer_kw["flush_l2"] = not args.warm_l2
-        if args.rep_ms:
-            timer_kw["rep_ms"] = args.rep_ms
-    elif args.rep_ms:
-        timer_kw["rep_s"] = args.rep_ms / 1e3
-
-    label = f"{meta['device_name']} ({device_type})"
-    print(
-        f"attention benchmark on {label}; torch {meta['torch_version']}, "
-        f"triton {meta['triton_version']}, CUDA {meta['cuda_version']}, "
-        f"git {meta['git_commit']}{' (dirty)' if meta['git_dirty'] == 'True' else ''}"
+    providers = make_providers(run.provider_names) + list(extra_providers or [])
+    problems, passes, width = build_problems(args, run.device_type)
+    plan = headline_problems(run.device_type) if args.headline else [(p, passes) for p in problems]
+    check_heads = args.check_heads or ("first" if run.device_type == "cuda" else "all")
+    run.banner(
+        "attention benchmark",
+        [
+            "FLOPs: 4·D per visible (query, key) pair forward, x2.5 backward, x3.5 fwd+bwd; "
+            "TFLOP/s on computed blocks (whole tiles of the layout), 'useful' on visible pairs",
+            f"checked against the float32 reference on "
+            f"{'batch 0, first kv-head group' if check_heads == 'first' else 'every head'}",
+        ],
     )
-    if device_type == "cpu":
-        print(
-            "NOTE: CPU run (no CUDA device or --device cpu): small sizes, CPU times; these are "
-            "not the GPU numbers. The CPU roofline uses DRAM copy bandwidth, so cache-resident "
-            "sizes can exceed 100%."
-        )
+    n_pass = sum(len(ps) for _, ps in plan)
     print(
-        "FLOPs: 4·D per visible (query, key) pair forward, x2.5 backward, x3.5 fwd+bwd; "
-        "TFLOP/s on computed blocks (whole tiles of the layout), 'useful' on visible pairs"
-    )
-    for n, why in left_out:
-        print(f"provider {n} not run on {device_type}: {why}")
-    print(
-        f"{len(problems)} problems x {len(passes)} passes x {len(providers)} providers; "
-        f"speedups vs {BASELINE}",
+        f"{len(plan)} problems, {n_pass} passes x {len(providers)} providers; speedups vs "
+        f"{BASELINE}",
         flush=True,
     )
 
     rows: list[AttnRow] = []
-    peaks_by_dtype: dict[str, DevicePeaks] = {}
     reuse: dict = {}
-    deadline = t_start + args.max_seconds if args.max_seconds else None
     truncated = 0
-    for i, prob in enumerate(problems):
-        if deadline is not None and time.monotonic() > deadline:
-            truncated = len(problems) - i
+    for i, (prob, prob_passes) in enumerate(plan):
+        if run.out_of_time():
+            truncated = len(plan) - i
             break
-        if prob.dname not in peaks_by_dtype:
-            peaks_by_dtype[prob.dname] = measure_peaks(device, prob.dtype)
-            pk = peaks_by_dtype[prob.dname]
-            print(
-                f"measured peaks ({prob.dname}): {pk.bandwidth_bytes_per_s / 1e9:.0f} GB/s, "
-                f"{pk.flops_per_s / 1e12:.2f} TFLOP/s [{pk.how}]",
-                flush=True,
-            )
+        peaks = run.peaks(prob.dtype)
         prob_rows, left, header = run_problem(
             prob,
-            passes,
+            prob_passes,
             providers,
-            device,
-            peaks_by_dtype[prob.dname],
-            timer_kw,
+            run.device,
+            peaks,
+            run.timer_kw,
             reuse,
             width,
             args.seed,
-            deadline,
+            run.deadline,
+            check_heads,
         )
         rows += prob_rows
-        print(f"\n[{i + 1}/{len(problems)}] {header}")
+        print(f"\n[{i + 1}/{len(plan)}] {header}")
         if prob_rows:
             checked = {r.checked_against for r in prob_rows if r.checked_against}
             print(format_table(prob_rows))
             if checked:
                 print("checked against: " + "; ".join(sorted(checked)))
-        write_csv(csv_path, rows, meta, peaks_by_dtype)  # after every problem
+        run.write_csv(rows, extra=EXTRA_COLUMNS)  # after every problem
         if left:
-            truncated = len(problems) - i - 1
+            truncated = len(plan) - i - 1
             print(f"({left} pass(es) of this problem not run: --max-seconds reached)")
             break
 
-    print("\n=== all rows ===")
-    print(format_table(rows))
-    if truncated:
-        print(
-            f"\nWARNING: --max-seconds {args.max_seconds:g} reached; {truncated} problem(s) not run"
-        )
-    print()
-    print("\n".join(linearity_lines(rows, device_type)))
-    if device_type == "cuda":
-        print()
-        print("\n".join(targets_summary(rows)))
-    print(f"\nCSV: {csv_path}")
-    if not args.no_plot and any(r.ok for r in rows):
-        print(f"SVG: {write_plot(svg_path, rows, device_type, label)}")
-    failed = [r for r in rows if r.failed]
-    if failed:
-        print(f"\n{len(failed)} correctness check(s) FAILED:", file=sys.stderr)
-        for r in failed:
-            print(f"  {r.provider} {r.shape} {r.dtype}: {r.status}", file=sys.stderr)
-        return 1
-    return 0
+    return run.finish(
+        rows,
+        table=format_table,
+        report=[*linearity_lines(rows, run.device_type), "", *targets_summary(rows)],
+        plot=lambda path: write_plot(path, rows, run.device_type, run.label),
+        truncated=truncated,
+        headline=is_headline,
+        dispatch_entries=lambda: dispatch_entries(rows, run.device),
+    )
 
 
 if __name__ == "__main__":

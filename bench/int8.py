@@ -2,8 +2,10 @@
 
     python bench/int8.py                    # full sweep (GPU if one is visible, else a CPU sweep)
     python bench/int8.py --quick            # a handful of rows
+    python bench/int8.py --headline         # the shapes the goals name, checked on 256 rows
     python bench/int8.py --dtype bf16 --M 1 16 --shapes 4096x4096 28672x8192 --group 0 128 \\
         --providers lrkernels-cuda,torch-bf16-linear
+    python bench/int8.py --write-table      # also record the times in the dispatch table
 
 Shapes are OUTxIN: out_features x in_features of the weight (N x K), from real models
 (4096x4096 attention projections, 11008x4096 / 4096x11008 MLP up / down, 8192x8192 and
@@ -11,29 +13,37 @@ Shapes are OUTxIN: out_features x in_features of the weight (N x K), from real m
 group of that many input features. The weights come from lrkernels.quant.quantize of a random
 weight (scales in the activation dtype); x ~ N(0, 1), so y is O(1).
 
+Passes (--pass): fwd, y = int8_linear(x, qweight, scales, bias); dx, the input gradient
+dy·W through the grad-input kernels (what autograd's backward runs; the weight is frozen).
+
 Providers: lrkernels-cuda, lrkernels-triton, lrkernels-cpu (the library's backends);
 torch-bf16-linear (F.linear with the dequantized weight materialised in the activation dtype,
 bf16 or fp16, fp32 on CPU: the layer before quantization, and the speedup baseline);
-torch-int8pack-mm (torch._weight_int8pack_mm plus the bias: per-channel scales only, skipped
-with torch's reason where it refuses the case); torch-dequant-matmul (dequantize to the
-activation dtype, then F.linear, every call: what a user writes without the kernel). A torch
-comparison provider whose time at one M, scaled in proportion to the next M of the same weight,
-exceeds --slow-ms (GPU default 50 ms) is not run there: torch's naive int8 kernels must not eat
-the time budget at large M.
+torch-int8pack-mm (torch._weight_int8pack_mm plus the bias: per-channel scales and the forward
+only, skipped with torch's reason where it refuses the case); torch-dequant-matmul (the op's
+torch backend: dequantize, then F.linear, every call — what a user writes without the kernel;
+for dx, dequantize then dy @ W). The backends and torch-dequant-matmul are the dispatch paths
+whose forward times --write-table records. A torch comparison provider whose time at one M,
+scaled in proportion to the next M of the same weight, exceeds --slow-ms is not run there:
+torch's naive int8 kernels must not eat the time budget at large M.
 
 Every provider is first checked against a float64 reference (lrkernels.reference.
-int8_linear_exact); a wrong one is reported FAILED, never timed, and makes the exit status 1.
-Rows go to <out>/int8-<device>.csv, the headline shape's speedup-vs-M chart to
-<out>/int8-<device>.svg. Bytes per row: int8 weight + scales + x + y + bias (the floor of any
-implementation; the dense baseline is charged its full-precision weight instead).
+int8_linear_exact, on 256 rows spread over the output when M is larger), and lrkernels-cuda and
+lrkernels-triton must agree on the whole output; a wrong one is reported FAILED, never timed,
+and makes the exit status 1. Rows go to <out>/int8-<device>.csv, the headline shape's
+speedup-vs-M chart to <out>/int8-<device>.svg. Bytes per row: int8 weight + scales + x + y +
+bias (the floor of any implementation; the dense baseline is charged its full-precision weight).
+
+Goals (issue 8; H100/H200, bf16, 4096x4096 and larger; PASS/MISS, not asserts): speedup over
+torch-bf16-linear >= 1.7x at M <= 16, >= 1.3x at M = 64, >= 0.95x at M = 4096; at M = 1 on
+8192x8192 and larger >= 85% of the measured copy bandwidth; dx at M = 4096 >= 0.9x of the bf16
+dy @ W.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
@@ -48,7 +58,7 @@ from bench.harness import Provider, ProviderSkip, Row
 from bench.plot import write_svg
 from lrkernels import _ext, backends
 from lrkernels.reference import dequantize_reference, int8_linear_exact
-from lrkernels.roofline import DevicePeaks, dense_linear_cost, int8_linear_cost, measure_peaks
+from lrkernels.roofline import DevicePeaks, dense_linear_cost, int8_linear_cost
 
 try:
     from lrkernels.quant import quantize
@@ -65,33 +75,45 @@ ALL_PROVIDERS = [
     "torch-int8pack-mm",
     "torch-dequant-matmul",
 ]
-DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
+PASSES = ("fwd", "dx")
+DISPATCH_PATHS = {
+    "lrkernels-cuda": "cuda",
+    "lrkernels-triton": "triton",
+    "lrkernels-cpu": "cpu",
+    "torch-dequant-matmul": "torch",
 }
 GROUPS = (0, 32, 64, 128)
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192)]
-# (shapes as (out, in), Ms, dtypes, groups) per device and mode
+# (shapes as (out, in), Ms, dtypes, groups) per device and sweep
 SWEEPS = {
-    ("cuda", False): (
+    ("cuda", "full"): (
         GPU_SHAPES,
         [1, 2, 4, 8, 16, 32, 64, 128, 1024, 4096],
         ["bf16", "fp16"],
         [0, 128],
     ),
-    ("cuda", True): ([(4096, 4096)], [1, 16, 64, 4096], ["bf16"], [0, 128]),
-    ("cpu", False): ([(1024, 1024), (4096, 1024)], [1, 16, 128], ["fp32"], [0, 128]),
-    ("cpu", True): ([(512, 256)], [1, 16, 128], ["fp32"], [0, 128]),
+    ("cuda", "quick"): ([(4096, 4096)], [1, 16, 64, 4096], ["bf16"], [0, 128]),
+    ("cpu", "full"): ([(1024, 1024), (4096, 1024)], [1, 16, 128], ["fp32"], [0, 128]),
+    ("cpu", "quick"): ([(512, 256)], [1, 16, 128], ["fp32"], [0, 128]),
+}
+DX_MIN_M = 1024  # the full GPU sweep's dx pass: training shapes
+# --headline: (out, in, dtype, group, M, pass); on a CPU, small stand-ins of the same paths
+HEADLINE_CASES = {
+    "cuda": [
+        (n, k, "bf16", g, m, p)
+        for g in (0, 128)
+        for n, k, m, p in [(4096, 4096, m, "fwd") for m in (1, 16, 64, 4096)]
+        + [(8192, 8192, 1, "fwd"), (4096, 4096, 4096, "dx")]
+    ],
+    "cpu": [
+        (n, k, "fp32", g, m, p)
+        for g in (0, 128)
+        for n, k, m, p in [(512, 256, m, "fwd") for m in (1, 16, 64)] + [(512, 256, 64, "dx")]
+    ],
 }
 # (out, in), dtype, group of the headline chart
 HEADLINE = {"cuda": ((4096, 4096), "bfloat16", 0), "cpu": ((1024, 1024), "float32", 0)}
 SLOW_MS_GPU = 50.0
-REPO = Path(__file__).resolve().parents[1]
 
 
 def layout_name(group: int) -> str:
@@ -111,6 +133,13 @@ def _backend_provider(name: str, backend: str) -> Provider:
             key = "CUDA" if backend == "cuda" else "CPU"
             if not _ext.has_kernel_for(OP, key):
                 raise ProviderSkip(f"the extension was built without the {OP} {key} kernel")
+        if inp["pass"] == "dx":
+            dy = inp["dy"]
+            if backend == "triton":
+                op = torch.ops.lrkernels.int8_linear_grad_input_triton
+            else:
+                op = torch.ops.lrkernels.int8_linear_grad_input
+            return lambda: op(dy, q, s)
         return lambda: lrkernels.int8_linear(x, q, s, b, backend=backend)
 
     return Provider(name, build)
@@ -118,24 +147,27 @@ def _backend_provider(name: str, backend: str) -> Provider:
 
 def _dense_linear(inp: dict):
     x, w, b = inp["x"], inp["weight"], inp["bias"]
+    if inp["pass"] == "dx":
+        dy = inp["dy"]
+        return lambda: dy @ w
     return lambda: F.linear(x, w, b)
 
 
 def _dense_cost(inp: dict) -> tuple[int, int]:
     s = inp["shape"]
+    if inp["pass"] == "dx":
+        return dense_linear_cost(s["M"], s["out"], s["in"], inp["x"].element_size(), False)
     return dense_linear_cost(s["M"], s["in"], s["out"], inp["x"].element_size(), s["bias"])
 
 
 def _dequant_matmul(inp: dict):
-    """Dequantize in the activation dtype on every call, then F.linear: plain user code. (q is
-    exact in bf16/fp16 and the one product is rounded once, so the weight equals the reference
-    dequantization bit for bit.)"""
+    """The op's torch backend (dequantize in the activation dtype on every call, then
+    F.linear: plain user code); for dx, dequantize then dy @ W."""
     x, q, s, b = inp["x"], inp["qweight"], inp["scales"], inp["bias"]
-    n, k = q.shape
-    if s.dim() == 1:
-        return lambda: F.linear(x, q.to(x.dtype) * s.unsqueeze(1), b)
-    g = k // s.shape[1]
-    return lambda: F.linear(x, (q.view(n, k // g, g).to(x.dtype) * s.unsqueeze(2)).view(n, k), b)
+    if inp["pass"] == "dx":
+        dy = inp["dy"]
+        return lambda: dy @ dequantize_reference(q, s, dy.dtype)
+    return lambda: lrkernels.int8_linear(x, q, s, b, backend="torch")
 
 
 def _int8pack_provider(failures: dict[tuple, str]) -> Provider:
@@ -144,6 +176,8 @@ def _int8pack_provider(failures: dict[tuple, str]) -> Provider:
 
     def build(inp: dict):
         x, q, s, b = inp["x"], inp["qweight"], inp["scales"], inp["bias"]
+        if inp["pass"] != "fwd":
+            raise ProviderSkip("torch._weight_int8pack_mm has no input-gradient form")
         if not hasattr(torch, "_weight_int8pack_mm"):
             raise ProviderSkip(f"torch {torch.__version__} has no torch._weight_int8pack_mm")
         if s.dim() != 1:
@@ -181,11 +215,11 @@ def make_providers(names: list[str]) -> list[Provider]:
 
 
 def _guard_slow(prov: Provider, last: dict[tuple, tuple[int, float]], slow_ms: float) -> Provider:
-    """The provider, skipped where its last time on this weight (`last`: (provider, weight) ->
-    (M, ms)), scaled in proportion to this M, exceeds slow_ms (0 = never)."""
+    """The provider, skipped where its last time on this weight (`last`: (provider, weight,
+    pass) -> (M, ms)), scaled in proportion to this M, exceeds slow_ms (0 = never)."""
 
     def build(inp: dict):
-        seen = last.get((prov.name, inp["wkey"]))
+        seen = last.get((prov.name, inp["wkey"], inp["pass"]))
         if slow_ms and seen is not None:
             m0, ms0 = seen
             m = inp["shape"]["M"]
@@ -227,18 +261,18 @@ def make_weights(out_f: int, in_f: int, group: int, dtype, device, bias: bool, s
     }
 
 
-def make_inputs(weights: dict, M: int, dtype, device, seed: int) -> dict:
+def make_inputs(weights: dict, M: int, dtype, device, seed: int, pass_: str = "fwd") -> dict:
     q = weights["qweight"]
     out_f, in_f = q.shape
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(M, in_f, device=device, generator=g).to(dtype)
     group = weights["wkey"][3]
-    shape = {"M": M, "out": out_f, "in": in_f, "group": group, "bias": weights["bias"] is not None}
-    return {**weights, "x": x, "shape": shape}
-
-
-def _flat(values) -> list[str]:
-    return [v for item in values for v in str(item).split(",") if v]
+    bias = weights["bias"] is not None and pass_ == "fwd"
+    shape = {"M": M, "out": out_f, "in": in_f, "group": group, "bias": bias, "pass": pass_}
+    inp = {**weights, "x": x, "shape": shape, "pass": pass_}
+    if pass_ == "dx":
+        inp["dy"] = torch.randn(M, out_f, device=device, generator=g).to(dtype)
+    return inp
 
 
 def _parse_shape(text: str) -> tuple[int, int]:
@@ -253,48 +287,59 @@ def _parse_shape(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a handful of rows")
-    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
-    p.add_argument("--dtype", nargs="+", help="bf16, fp16, fp32 (space or comma separated)")
-    p.add_argument("--M", nargs="+", help="rows of x")
-    p.add_argument("--shapes", nargs="+", help="weights as OUTxIN, e.g. 4096x4096 11008x4096")
-    p.add_argument("--group", nargs="+", help="0 (per channel), 32, 64, 128")
-    p.add_argument("--providers", nargs="+", help=f"subset of {','.join(ALL_PROVIDERS)}")
-    p.add_argument("--no-bias", action="store_true", help="benchmark without bias")
-    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="output folder")
-    p.add_argument("--no-plot", action="store_true", help="skip the SVG")
-    p.add_argument("--warm-l2", action="store_true", help="GPU: do not flush L2 between runs")
-    p.add_argument("--rep-ms", type=float, help="time budget per measurement (ms)")
-    p.add_argument("--max-seconds", type=float, help="start no new case after this many seconds")
-    p.add_argument(
+    p = harness.make_parser(__doc__, ALL_PROVIDERS)
+    g = p.add_argument_group("sizes (default: the sweep's)")
+    g.add_argument("--M", nargs="+", help="rows of x (space or comma separated)")
+    g.add_argument("--shapes", nargs="+", help="weights as OUTxIN, e.g. 4096x4096 11008x4096")
+    g.add_argument(
+        "--group", nargs="+", help="scale layouts: 0 (per channel), 32, 64 or 128 input features"
+    )
+    g.add_argument(
+        "--pass",
+        dest="passes",
+        nargs="+",
+        help="fwd and/or dx (default: fwd; the full GPU sweep adds dx at M >= 1024)",
+    )
+    g.add_argument("--no-bias", action="store_true", help="benchmark without bias")
+    g.add_argument(
         "--slow-ms",
         type=float,
+        metavar="MS",
         help="skip a torch comparison provider where its time at the previous M, scaled to "
-        f"this M, exceeds this (default {SLOW_MS_GPU:g} on GPU, off on CPU; 0 = off)",
+        f"this M, exceeds MS (default: {SLOW_MS_GPU:g} on a GPU, off on a CPU; 0 = off)",
     )
-    p.add_argument("--threads", type=int, help="CPU: torch.set_num_threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
-def build_cases(args, device_type: str) -> list[tuple[int, int, torch.dtype, int, int]]:
-    """(out, in, dtype, group, M) in run order: the headline weight first, then by dtype, layout
-    and shape as listed, M ascending within a weight (one weight is built per run of cases)."""
-    shapes, Ms, dts, groups = SWEEPS[(device_type, args.quick)]
-    shapes = [_parse_shape(v) for v in _flat(args.shapes)] if args.shapes else shapes
-    Ms = [int(v) for v in _flat(args.M)] if args.M else Ms
-    groups = [int(v) for v in _flat(args.group)] if args.group else groups
-    names = _flat(args.dtype) if args.dtype else dts
-    unknown = [n for n in names if n not in DTYPES]
-    if unknown:
-        raise SystemExit(f"unknown dtype(s) {unknown}; choose from {sorted(DTYPES)}")
+def build_cases(args, device_type: str) -> list[tuple[int, int, torch.dtype, int, int, str]]:
+    """(out, in, dtype, group, M, pass) in run order: the headline weight first, then by dtype,
+    layout and shape as listed, M ascending within a weight (one weight is built per run of
+    cases)."""
+    if getattr(args, "headline", False):
+        return [
+            (n, k, harness.DTYPES[d], g, m, p) for n, k, d, g, m, p in HEADLINE_CASES[device_type]
+        ]
+    sweep = "quick" if args.quick else "full"
+    shapes, Ms, dts, groups = SWEEPS[(device_type, sweep)]
+    shapes = [_parse_shape(v) for v in harness.flat(args.shapes)] if args.shapes else shapes
+    Ms = [int(v) for v in harness.flat(args.M)] if args.M else Ms
+    groups = [int(v) for v in harness.flat(args.group)] if args.group else groups
+    dtypes = harness.parse_dtypes(harness.flat(args.dtype) if args.dtype else dts)
     bad = [g for g in groups if g not in GROUPS]
     if bad:
-        raise SystemExit(f"unknown group size(s) {bad}; choose from {list(GROUPS)}")
+        raise SystemExit(f"unknown group size(s) {bad}; choose from {', '.join(map(str, GROUPS))}")
     if any(m < 1 for m in Ms):
         raise SystemExit(f"--M: rows must be positive, got {Ms}")
-    dtypes = list(dict.fromkeys(DTYPES[n] for n in names))
+    passes = harness.flat(args.passes) if getattr(args, "passes", None) else None
+    bad = [p for p in passes or () if p not in PASSES]
+    if bad:
+        raise SystemExit(f"unknown pass(es) {bad}; choose from {', '.join(PASSES)}")
+
+    def wanted(p: str, m: int) -> bool:
+        if passes is not None:
+            return p in passes
+        return p == "fwd" or (device_type == "cuda" and sweep == "full" and m >= DX_MIN_M)
+
     shapes, groups = list(dict.fromkeys(shapes)), list(dict.fromkeys(groups))
     Ms = sorted(set(Ms))
     (h_out, h_in), h_dt, h_g = HEADLINE[device_type]
@@ -305,7 +350,7 @@ def build_cases(args, device_type: str) -> list[tuple[int, int, torch.dtype, int
                 if g and in_f % g:
                     print(f"note: {out_f}x{in_f} skipped for group {g}: {in_f} % {g} != 0")
                     continue
-                cases += [(out_f, in_f, dt, g, m) for m in Ms]
+                cases += [(out_f, in_f, dt, g, m, p) for p in PASSES for m in Ms if wanted(p, m)]
 
     def is_headline(c) -> bool:
         return (c[0], c[1], str(c[2]).replace("torch.", ""), c[3]) == (h_out, h_in, h_dt, h_g)
@@ -322,17 +367,22 @@ def _weight_key(r: Row) -> tuple:
     return (r.shape["out"], r.shape["in"], r.dtype, r.shape["group"])
 
 
+def _pass(r: Row) -> str:
+    return r.shape.get("pass", "fwd")
+
+
 def _where(r: Row) -> str:
     return f"{r.shape['out']}x{r.shape['in']} M={r.shape['M']} {r.dtype}"
 
 
 def _headline_rows(rows: list[Row], device_type: str) -> tuple[str, list[Row]]:
-    ok = [r for r in rows if r.ok]
+    fwd = [r for r in rows if _pass(r) == "fwd"]
+    ok = [r for r in fwd if r.ok]
     (h_out, h_in), h_dt, h_g = HEADLINE[device_type]
     key = (h_out, h_in, h_dt, h_g)
     if not any(_weight_key(r) == key for r in ok) and ok:
         key = _weight_key(ok[0])
-    sel = [r for r in rows if _weight_key(r) == key]
+    sel = [r for r in fwd if _weight_key(r) == key]
     return f"{key[0]}x{key[1]} (out x in), {layout_name(key[3])}, {key[2]}", sel
 
 
@@ -360,22 +410,24 @@ def _is_huge(r: Row) -> bool:  # 8192x8192 and larger
     return min(r.shape["out"], r.shape["in"]) >= 8192
 
 
-SPEEDUP_TARGETS = [  # (description, row filter, goal)
-    ("M<=16", lambda r: r.shape["M"] <= 16, 1.7),
-    ("M=64", lambda r: r.shape["M"] == 64, 1.3),
-    ("M=4096", lambda r: r.shape["M"] == 4096, 0.9),
+SPEEDUP_TARGETS = [  # (description, pass, row filter, goal)
+    ("M<=16", "fwd", lambda r: r.shape["M"] <= 16, 1.7),
+    ("M=64", "fwd", lambda r: r.shape["M"] == 64, 1.3),
+    ("M=4096", "fwd", lambda r: r.shape["M"] == 4096, 0.95),
+    ("dx M=4096", "dx", lambda r: r.shape["M"] == 4096, 0.9),
 ]
 BANDWIDTH_GOAL = 0.85
 
 
 def targets_summary(rows: list[Row], peaks_by_dtype: dict[str, DevicePeaks]) -> list[str]:
-    """The GPU goals, per lrkernels provider and scale layout: PASS/MISS with the measured
-    number, the worst matching row named (goals, not asserts)."""
+    """The goals of issue 8, per lrkernels provider and scale layout: PASS/MISS with the
+    measured number, the worst matching row named (goals, not asserts)."""
     gpu = [r for r in rows if r.ok and r.device == "cuda"]
     lines = [
-        f"int8 targets on 4096x4096 and larger (goals, not asserts; the worst row is shown): "
-        f"speedup over {BASELINE} >= 1.7x at M<=16, >= 1.3x at M=64, >= 0.9x at M=4096; "
-        f"at M=1 on 8192x8192 and larger >= {100 * BANDWIDTH_GOAL:.0f}% of the copy bandwidth"
+        f"int8 targets (issue 8) on 4096x4096 and larger (goals, not asserts; the worst row is "
+        f"shown): speedup over {BASELINE} >= 1.7x at M<=16, >= 1.3x at M=64, >= 0.95x at "
+        f"M=4096, dx >= 0.9x at M=4096; at M=1 on 8192x8192 and larger >= "
+        f"{100 * BANDWIDTH_GOAL:.0f}% of the copy bandwidth"
     ]
     provs = [p for p in dict.fromkeys(r.provider for r in gpu) if p.startswith("lrkernels-")]
     if not provs:
@@ -389,8 +441,9 @@ def targets_summary(rows: list[Row], peaks_by_dtype: dict[str, DevicePeaks]) -> 
             mine = [r for r in gpu if r.provider == p and r.shape["group"] == group]
             mine = [r for r in mine if _is_large(r)]
             tag = f"{p} int8 {layout_name(group)}"
-            for what, keep, goal in SPEEDUP_TARGETS:
-                sel = [r for r in mine if keep(r) and not math.isnan(r.speedup)]
+            for what, pas, keep, goal in SPEEDUP_TARGETS:
+                sel = [r for r in mine if _pass(r) == pas and keep(r)]
+                sel = [r for r in sel if not math.isnan(r.speedup)]
                 if not sel:
                     lines.append(f"  {tag}: speedup at {what}: not measured")
                     continue
@@ -399,7 +452,7 @@ def targets_summary(rows: list[Row], peaks_by_dtype: dict[str, DevicePeaks]) -> 
                     f"  {tag}: speedup at {what}: {w.speedup:.2f}x (min, at {_where(w)}) "
                     f"(goal >= {goal:g}x) {verdict(w.speedup >= goal)}"
                 )
-            sel = [r for r in mine if r.shape["M"] == 1 and _is_huge(r)]
+            sel = [r for r in mine if _pass(r) == "fwd" and r.shape["M"] == 1 and _is_huge(r)]
             sel = [r for r in sel if r.dtype in peaks_by_dtype]
             if not sel:
                 lines.append(f"  {tag}: M=1 bandwidth on 8192x8192 and larger: not measured")
@@ -418,6 +471,21 @@ def targets_summary(rows: list[Row], peaks_by_dtype: dict[str, DevicePeaks]) -> 
     return lines
 
 
+def is_headline(r: Row) -> bool:
+    key = (r.shape["out"], r.shape["in"], r.dtype, r.shape["group"], r.shape["M"], _pass(r))
+    cases = HEADLINE_CASES[r.device]
+    return key in {(n, k, str(harness.DTYPES[d])[6:], g, m, p) for n, k, d, g, m, p in cases}
+
+
+def dispatch_features(r: Row) -> dict | None:
+    """The op's dispatch features of a forward row (dx runs the grad-input op: not recorded)."""
+    if _pass(r) != "fwd":
+        return None
+    s = r.shape
+    scales = f"g{s['group']}" if s["group"] else "channel"
+    return {"M": s["M"], "in": s["in"], "out": s["out"], "scales": scales}
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -425,144 +493,91 @@ def main(argv: list[str] | None = None, extra_providers: list[Provider] | None =
     """Run the benchmark; returns the exit status (1 iff a correctness check failed).
     `extra_providers` adds providers (tests inject a deliberately wrong one)."""
     args = parse_args(argv)
-    t_start = time.monotonic()
-    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
-    device = (
-        torch.device(device_type, torch.cuda.current_device())
-        if device_type == "cuda"
-        else torch.device("cpu")
+    run = harness.Bench(
+        name="int8", op=OP, args=args, all_providers=ALL_PROVIDERS, baseline=BASELINE
     )
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    names = _flat(args.providers) if args.providers else list(ALL_PROVIDERS)
-    left_out: list[str] = []
-    if not args.providers:  # by default only the library backends made for this device
-        other = {"cpu": ("lrkernels-cuda", "lrkernels-triton"), "cuda": ("lrkernels-cpu",)}
-        left_out = [n for n in names if n in other[device_type]]
-        names = [n for n in names if n not in left_out]
-    bad = [n for n in names if n not in ALL_PROVIDERS]
-    if bad:
-        raise SystemExit(f"unknown provider(s) {bad}; choose from {ALL_PROVIDERS}")
-    if BASELINE not in names:
-        names.append(BASELINE)  # speedups need it
     slow_ms = args.slow_ms
     if slow_ms is None:
-        slow_ms = SLOW_MS_GPU if device_type == "cuda" else 0.0
-    last_ms: dict[tuple, tuple[int, float]] = {}  # (provider, weight) -> (M, ms) last timed
+        slow_ms = SLOW_MS_GPU if run.device_type == "cuda" else 0.0
+    last_ms: dict[tuple, tuple[int, float]] = {}  # (provider, weight, pass) -> (M, ms) last timed
     providers = [
         _guard_slow(p, last_ms, slow_ms)
         if p.name.startswith("torch-") and p.name != BASELINE
         else p
-        for p in make_providers(names)
+        for p in make_providers(run.provider_names)
     ] + list(extra_providers or [])
-
-    cases = build_cases(args, device_type)
-    out_dir = Path(args.out)
-    slug = harness.device_slug(device)
-    csv_path = out_dir / f"int8-{slug}.csv"
-    svg_path = out_dir / f"int8-{slug}.svg"
-    meta = harness.collect_metadata(device)
-    timer_kw: dict = {}
-    if device_type == "cuda":
-        timer_kw["flush_l2"] = not args.warm_l2
-        if args.rep_ms:
-            timer_kw["rep_ms"] = args.rep_ms
-    elif args.rep_ms:
-        timer_kw["rep_s"] = args.rep_ms / 1e3
-
-    label = f"{meta['device_name']} ({device_type})"
-    print(
-        f"int8_linear benchmark on {label}; torch {meta['torch_version']}, "
-        f"triton {meta['triton_version']}, CUDA {meta['cuda_version']}, "
-        f"git {meta['git_commit']}{' (dirty)' if meta['git_dirty'] == 'True' else ''}"
-    )
-    if device_type == "cpu":
-        print(
-            "NOTE: CPU run (no CUDA device or --device cpu): small shapes, CPU times; "
-            "these are not the GPU numbers. The CPU roofline uses DRAM copy bandwidth, so "
-            "cache-resident shapes can exceed 100%."
-        )
+    cases = build_cases(args, run.device_type)
+    notes = []
     if quantize is None:
-        print("NOTE: lrkernels.quant is missing: random int8 weights and scales are used")
-    avail = lrkernels.available_backends()
-    for n in left_out:
-        why = avail[n.split("-", 1)[1]] or f"not a {device_type} backend"
-        print(f"provider {n} not run on {device_type}: {why}")
+        notes.append("NOTE: lrkernels.quant is missing: random int8 weights and scales are used")
+    run.banner("int8_linear benchmark", notes)
     print(f"{len(cases)} cases x {len(providers)} providers; baseline {BASELINE}", flush=True)
 
     rows: list[Row] = []
-    peaks_by_dtype: dict[str, DevicePeaks] = {}
     weights: dict | None = None
     truncated = 0
-    for i, (out_f, in_f, dtype, group, M) in enumerate(cases):
-        if args.max_seconds and time.monotonic() - t_start > args.max_seconds:
+    for i, (out_f, in_f, dtype, group, M, pas) in enumerate(cases):
+        if run.out_of_time():
             truncated = len(cases) - i
             break
-        dname = str(dtype).replace("torch.", "")
-        if dname not in peaks_by_dtype:
+        if str(dtype).replace("torch.", "") not in run.peaks_by_dtype:
             weights = None  # free the last weight before the peak measurement's buffers
-            peaks_by_dtype[dname] = measure_peaks(device, dtype)
-            pk = peaks_by_dtype[dname]
-            print(
-                f"measured peaks ({dname}): {pk.bandwidth_bytes_per_s / 1e9:.0f} GB/s, "
-                f"{pk.flops_per_s / 1e12:.2f} TFLOP/s [{pk.how}]",
-                flush=True,
-            )
+        peaks = run.peaks(dtype)
         wkey = (out_f, in_f, str(dtype), group)
         if weights is None or weights["wkey"] != wkey:
             weights = None
             weights = make_weights(
-                out_f, in_f, group, dtype, device, not args.no_bias, args.seed + 1000 * i
+                out_f, in_f, group, dtype, run.device, not args.no_bias, args.seed + 1000 * i
             )
-        inp = make_inputs(weights, M, dtype, device, args.seed + i)
-        ref = int8_linear_exact(inp["x"], inp["qweight"], inp["scales"], inp["bias"])
-        cost = int8_linear_cost(M, in_f, out_f, inp["x"].element_size(), group, not args.no_bias)
+        inp = make_inputs(weights, M, dtype, run.device, args.seed + i, pas)
+        check = harness.spread_rows(M, run.device)
+        if pas == "dx":
+            dy = inp["dy"] if check is None else inp["dy"][check]
+            w64 = dequantize_reference(inp["qweight"], inp["scales"].double(), torch.float64)
+            ref, out_shape = dy.double() @ w64, (M, in_f)
+            del w64
+        else:
+            x = inp["x"] if check is None else inp["x"][check]
+            ref = int8_linear_exact(x, inp["qweight"], inp["scales"], inp["bias"])
+            out_shape = (M, out_f)
+        bias = inp["shape"]["bias"]
+        cost = int8_linear_cost(M, in_f, out_f, inp["x"].element_size(), group, bias)
         case_rows = harness.run_case(
             op=OP,
             shape=inp["shape"],
             dtype=dtype,
-            device=device,
+            device=run.device,
             inputs=inp,
             reference=ref,
             cost=cost,
             providers=providers,
-            peaks=peaks_by_dtype[dname],
+            peaks=peaks,
             baseline=BASELINE,
-            timer_kw=timer_kw,
+            timer_kw=run.timer_kw,
+            check_rows=check,
+            out_shape=out_shape,
         )
         rows += case_rows
         del inp, ref
         for r in case_rows:
             if r.ok:
-                last_ms[(r.provider, wkey)] = (M, r.ms_median)
-        where = f"{out_f}x{in_f} (out x in) {layout_name(group)} M={M} {dname}"
-        print(f"\n[{i + 1}/{len(cases)}] {where}")
+                last_ms[(r.provider, wkey, pas)] = (M, r.ms_median)
+        where = f"{pas} {out_f}x{in_f} (out x in) {layout_name(group)} M={M} {dtype}"
+        print(f"\n[{i + 1}/{len(cases)}] {where.replace('torch.', '')}")
         harness.print_table(case_rows)
-        # after every case: a run cut short still leaves its rows
-        harness.write_csv(csv_path, rows, meta, peaks_by_dtype)
+        run.write_csv(rows)  # after every case: a run cut short still leaves its rows
     weights = None
 
-    print("\n=== all rows ===")
-    harness.print_table(rows)
-    if truncated:
-        print(f"\nWARNING: --max-seconds {args.max_seconds:g} reached; {truncated} case(s) not run")
-    if device_type == "cuda":
-        print()
-        print("\n".join(targets_summary(rows, peaks_by_dtype)))
-    print(f"\nCSV: {csv_path}")
-    if not args.no_plot and rows:
-        print(f"SVG: {write_plot(svg_path, rows, device_type, label)}")
-    failed = [r for r in rows if r.failed]
-    if failed:
-        print(f"\n{len(failed)} correctness check(s) FAILED:", file=sys.stderr)
-        for r in failed:
-            print(f"  {r.provider} {r.shape} {r.dtype}: {r.status}", file=sys.stderr)
-        return 1
-    return 0
+    return run.finish(
+        rows,
+        report=targets_summary(rows, run.peaks_by_dtype),
+        plot=lambda path: write_plot(path, rows, run.device_type, run.label),
+        truncated=truncated,
+        headline=is_headline,
+        dispatch_entries=lambda: harness.dispatch_entries(
+            rows, op=OP, paths=DISPATCH_PATHS, features=dispatch_features, device=run.device
+        ),
+    )
 
 
 if __name__ == "__main__":

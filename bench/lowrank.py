@@ -2,24 +2,35 @@
 
     python bench/lowrank.py                 # full sweep (GPU if one is visible, else a CPU sweep)
     python bench/lowrank.py --quick         # a handful of rows
-    python bench/lowrank.py --dtype bf16 --M 1 16 --rank 128 --features 4096 --providers \
-        lrkernels-cuda,torch-2mm
+    python bench/lowrank.py --headline      # the shapes the goals name, checked on 256 rows
+    python bench/lowrank.py --dtype bf16 --M 1 16 --rank 128 --features 4096 \\
+        --providers lrkernels-cuda,torch-2mm
+    python bench/lowrank.py --write-table   # also record the times in the dispatch table
 
-Providers: lrkernels-cuda, lrkernels-triton, lrkernels-cpu (the library's backends),
-torch-2mm (two F.linear: the reference and the speedup baseline), torch-compile-2mm (the same
-under torch.compile, dynamic=False), dense-linear (F.linear with W = U @ V precomputed).
+Passes (--pass): fwd, y = lowrank_linear(x, U, V, bias); dx, the input gradient dy·U·V =
+lowrank_linear(dy, Vᵀ, Uᵀ) on the transposed (non-contiguous) factors: what autograd's
+backward runs. The full GPU sweep adds dx at M >= 1024 (the training shapes).
 
-Every provider is first checked against a float64 reference; a wrong one is reported FAILED,
-never timed, and makes the exit status 1. Rows go to <out>/lowrank-<device>.csv, the headline
-shape's time-vs-M chart to <out>/lowrank-<device>.svg.
+Providers: lrkernels-cuda, lrkernels-triton, lrkernels-cpu (the library's backends);
+torch-2mm (two F.linear: the reference, the op's torch backend and the speedup baseline);
+torch-compile-2mm (the same under torch.compile, dynamic=False; left out of --headline);
+dense-linear (F.linear with W = U @ V precomputed). The backends and torch-2mm are the dispatch
+paths whose times --write-table records.
+
+Every provider is first checked against a float64 reference (on 256 rows spread over the output
+when M is larger), and lrkernels-cuda and lrkernels-triton must agree with each other on the
+whole output; a wrong one is reported FAILED, never timed, and makes the exit status 1. Rows go
+to <out>/lowrank-<device>.csv, the headline shape's time-vs-M chart to <out>/lowrank-<device>.svg.
+
+Goals (issue 9; H100/H200, bf16, in = out of 4096 or 8192, rank 64-256; PASS/MISS, not
+asserts): speedup over torch-2mm >= 1.5x at M 1-16, >= 1.2x at M 64-256, >= 1.0x with >= 70% of
+the roofline from M = 1024; the dx pass at M = 8192 >= 1.0x.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
@@ -34,7 +45,7 @@ from bench.harness import Provider, ProviderSkip, Row
 from bench.plot import write_svg
 from lrkernels import backends
 from lrkernels.reference import lowrank_linear_exact, lowrank_linear_reference
-from lrkernels.roofline import dense_linear_cost, lowrank_linear_cost, measure_peaks
+from lrkernels.roofline import dense_linear_cost, lowrank_linear_cost
 
 OP = "lowrank_linear"
 BASELINE = "torch-2mm"
@@ -46,29 +57,44 @@ ALL_PROVIDERS = [
     "torch-compile-2mm",
     "dense-linear",
 ]
-DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
+PASSES = ("fwd", "dx")
+# provider -> the dispatch path it measures
+DISPATCH_PATHS = {
+    "lrkernels-cuda": "cuda",
+    "lrkernels-triton": "triton",
+    "lrkernels-cpu": "cpu",
+    "torch-2mm": "torch",
 }
-# (features, ranks, Ms, dtypes) per device and mode
+# (features, ranks, Ms, dtypes) per device and sweep
 SWEEPS = {
-    ("cuda", False): (
+    ("cuda", "full"): (
         [4096, 8192],
-        [32, 64, 128, 256, 512],
-        [1, 16, 128, 1024, 8192],
+        [128, 64, 256, 32, 512],
+        [1, 16, 64, 256, 1024, 4096, 8192, 16384],
         ["bf16", "fp16"],
     ),
-    ("cuda", True): ([4096], [128], [1, 16, 1024], ["bf16"]),
-    ("cpu", False): ([1024], [32, 128], [1, 16, 128], ["fp32", "bf16"]),
-    ("cpu", True): ([256], [32], [1, 16, 128], ["fp32"]),
+    ("cuda", "quick"): ([4096], [128], [1, 16, 1024], ["bf16"]),
+    ("cpu", "full"): ([1024], [32, 128], [1, 16, 128], ["fp32", "bf16"]),
+    ("cpu", "quick"): ([256], [32], [1, 16, 128], ["fp32"]),
 }
+DX_MIN_M = 1024  # the full GPU sweep's dx pass: training shapes
+# --headline: (features, rank, M, dtype, pass) — the rows the goals read; on a CPU, small
+# stand-ins that run the same code paths
+HEADLINE_CASES = {
+    "cuda": [(f, 128, m, "bf16", "fwd") for f in (4096, 8192) for m in (1, 16, 64, 1024, 8192)]
+    + [(f, 128, 8192, "bf16", "dx") for f in (4096, 8192)],
+    "cpu": [(256, 32, m, "fp32", "fwd") for m in (1, 16, 64)] + [(256, 32, 64, "fp32", "dx")],
+}
+# the chart's shape: (features, rank, dtype)
 HEADLINE = {"cuda": (4096, 128, "bfloat16"), "cpu": (1024, 128, "float32")}
-REPO = Path(__file__).resolve().parents[1]
+GOAL_FEATURES, GOAL_RANKS = (4096, 8192), (64, 128, 256)
+GOALS = [  # (description, pass, row filter, speedup goal)
+    ("M 1-16", "fwd", lambda m: m <= 16, 1.5),
+    ("M 64-256", "fwd", lambda m: 64 <= m <= 256, 1.2),
+    ("M >= 1024", "fwd", lambda m: m >= 1024, 1.0),
+    ("dx at M=8192", "dx", lambda m: m == 8192, 1.0),
+]
+ROOFLINE_GOAL = 0.70  # from M = 1024
 
 
 # ------------------------------------------------------------------------------ providers
@@ -76,41 +102,41 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _backend_provider(name: str, backend: str) -> Provider:
     def build(inp: dict):
-        x, U, V, b = inp["x"], inp["U"], inp["V"], inp["bias"]
-        reasons = backends.not_supported_reasons(OP, backend, x, U, V, b)
+        reasons = backends.not_supported_reasons(OP, backend, *inp["args"])
         if reasons:
             raise ProviderSkip("; ".join(reasons))
-        return lambda: lrkernels.lowrank_linear(x, U, V, b, backend=backend)
+        args = inp["args"]
+        return lambda: lrkernels.lowrank_linear(*args, backend=backend)
 
     return Provider(name, build)
 
 
 def _torch_2mm(inp: dict):
-    x, U, V, b = inp["x"], inp["U"], inp["V"], inp["bias"]
-    return lambda: lowrank_linear_reference(x, U, V, b)
+    args = inp["args"]
+    return lambda: lowrank_linear_reference(*args)
 
 
 def _torch_compile_2mm(inp: dict):
-    x, U, V, b = inp["x"], inp["U"], inp["V"], inp["bias"]
+    args = inp["args"]
     torch._dynamo.reset()  # one compile per shape: stay clear of the recompile limit
     try:
         compiled = torch.compile(lowrank_linear_reference, dynamic=False)
-        compiled(x, U, V, b)
+        compiled(*args)
     except Exception as e:  # no C++ compiler, inductor unsupported, ...
         msg = " ".join(str(e).split())[:160]
         raise ProviderSkip(f"torch.compile failed: {type(e).__name__}: {msg}") from e
-    return lambda: compiled(x, U, V, b)
+    return lambda: compiled(*args)
 
 
 def _dense(inp: dict):
-    x, U, V, b = inp["x"], inp["U"], inp["V"], inp["bias"]
+    x, U, V, b = inp["args"]
     W = (U.float() @ V.float()).to(x.dtype)  # formed once, outside the timing
     return lambda: F.linear(x, W, b)
 
 
 def _dense_cost(inp: dict) -> tuple[int, int]:
-    s = inp["shape"]
-    return dense_linear_cost(s["M"], s["in"], s["out"], inp["x"].element_size(), s["bias"])
+    x, U, V, b = inp["args"]
+    return dense_linear_cost(x.shape[0], V.shape[1], U.shape[0], x.element_size(), b is not None)
 
 
 def make_providers(names: list[str]) -> list[Provider]:
@@ -128,59 +154,78 @@ def make_providers(names: list[str]) -> list[Provider]:
 # ------------------------------------------------------------------------------ cases
 
 
-def make_inputs(M: int, in_f: int, out_f: int, rank: int, dtype, device, bias: bool, seed: int):
-    """Seeded inputs scaled so y stays O(1): x ~ N(0,1), V ~ N(0,1/in), U ~ N(0,1/rank)."""
+def make_inputs(
+    M: int, in_f: int, out_f: int, rank: int, dtype, device, bias: bool, seed: int, pass_="fwd"
+):
+    """Seeded inputs scaled so y stays O(1): x ~ N(0,1), V ~ N(0,1/in), U ~ N(0,1/rank); for the
+    dx pass dy ~ N(0,1). ``args``: the op's arguments in this pass."""
     g = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, device=device, generator=g) * scale).to(dtype)
 
-    return {
+    inp = {
         "x": randn(M, in_f),
         "V": randn(rank, in_f, scale=in_f**-0.5),
         "U": randn(out_f, rank, scale=rank**-0.5),
         "bias": randn(out_f, scale=0.1) if bias else None,
-        "shape": {"M": M, "in": in_f, "out": out_f, "rank": rank, "bias": bias},
+        "shape": {"M": M, "in": in_f, "out": out_f, "rank": rank, "bias": bias, "pass": pass_},
     }
-
-
-def _flat(values) -> list[str]:
-    return [v for item in values for v in str(item).split(",") if v]
+    if pass_ == "dx":
+        inp["shape"]["bias"] = False
+        inp["args"] = (randn(M, out_f), inp["V"].t(), inp["U"].t(), None)
+    else:
+        inp["args"] = (inp["x"], inp["U"], inp["V"], inp["bias"])
+    return inp
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a handful of rows")
-    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
-    p.add_argument("--dtype", nargs="+", help="bf16, fp16, fp32 (space or comma separated)")
-    p.add_argument("--M", nargs="+", help="rows of x")
-    p.add_argument("--rank", nargs="+", help="ranks")
-    p.add_argument("--features", nargs="+", help="in = out features")
-    p.add_argument("--providers", nargs="+", help=f"subset of {','.join(ALL_PROVIDERS)}")
-    p.add_argument("--no-bias", action="store_true", help="benchmark without bias")
-    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="output folder")
-    p.add_argument("--no-plot", action="store_true", help="skip the SVG")
-    p.add_argument("--warm-l2", action="store_true", help="GPU: do not flush L2 between runs")
-    p.add_argument("--rep-ms", type=float, help="time budget per measurement (ms)")
-    p.add_argument("--max-seconds", type=float, help="start no new case after this many seconds")
-    p.add_argument("--threads", type=int, help="CPU: torch.set_num_threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
+    p = harness.make_parser(__doc__, ALL_PROVIDERS)
+    g = p.add_argument_group("sizes (default: the sweep's)")
+    g.add_argument("--M", nargs="+", help="rows of x (space or comma separated)")
+    g.add_argument("--rank", nargs="+", help="ranks")
+    g.add_argument("--features", nargs="+", help="in = out features")
+    g.add_argument(
+        "--pass",
+        dest="passes",
+        nargs="+",
+        help="fwd and/or dx (default: fwd; the full GPU sweep adds dx at M >= 1024)",
+    )
+    g.add_argument("--no-bias", action="store_true", help="benchmark without bias")
     return p.parse_args(argv)
 
 
-def build_cases(args, device_type: str):
-    feats, ranks, Ms, dts = SWEEPS[(device_type, args.quick)]
-    feats = [int(v) for v in _flat(args.features)] if args.features else feats
-    ranks = [int(v) for v in _flat(args.rank)] if args.rank else ranks
-    Ms = [int(v) for v in _flat(args.M)] if args.M else Ms
-    names = _flat(args.dtype) if args.dtype else dts
-    unknown = [n for n in names if n not in DTYPES]
-    if unknown:
-        raise SystemExit(f"unknown dtype(s) {unknown}; choose from {sorted(DTYPES)}")
-    dtypes = list(dict.fromkeys(DTYPES[n] for n in names))
-    cases = [(f, r, m, dt) for dt in dtypes for f in feats for r in ranks for m in Ms]
+def build_cases(args, device_type: str) -> list[tuple[int, int, int, torch.dtype, str]]:
+    """(features, rank, M, dtype, pass) in run order: the headline shape first, so that a run
+    cut short still has it."""
+    if args.headline:
+        return [(f, r, m, harness.DTYPES[d], p) for f, r, m, d, p in HEADLINE_CASES[device_type]]
+    sweep = "quick" if args.quick else "full"
+    feats, ranks, Ms, dts = SWEEPS[(device_type, sweep)]
+    feats = [int(v) for v in harness.flat(args.features)] if args.features else feats
+    ranks = [int(v) for v in harness.flat(args.rank)] if args.rank else ranks
+    Ms = [int(v) for v in harness.flat(args.M)] if args.M else Ms
+    dtypes = harness.parse_dtypes(harness.flat(args.dtype) if args.dtype else dts)
+    passes = harness.flat(args.passes) if args.passes else None
+    bad = [p for p in passes or () if p not in PASSES]
+    if bad:
+        raise SystemExit(f"unknown pass(es) {bad}; choose from {', '.join(PASSES)}")
+
+    def wanted(p: str, m: int) -> bool:
+        if passes is not None:
+            return p in passes
+        return p == "fwd" or (device_type == "cuda" and sweep == "full" and m >= DX_MIN_M)
+
+    cases = [
+        (f, r, m, dt, p)
+        for dt in dtypes
+        for f in feats
+        for r in ranks
+        for p in PASSES
+        for m in Ms
+        if wanted(p, m)
+    ]
     hf, hr, hd = HEADLINE[device_type]
-    # the headline shape first, so that a run cut short still has it
     cases.sort(key=lambda c: (c[0], c[1], str(c[3]).replace("torch.", "")) != (hf, hr, hd))
     return cases
 
@@ -189,12 +234,13 @@ def build_cases(args, device_type: str):
 
 
 def _headline_rows(rows: list[Row], device_type: str) -> tuple[str, list[Row]]:
-    ok = [r for r in rows if r.ok]
+    fwd = [r for r in rows if r.shape.get("pass", "fwd") == "fwd"]
+    ok = [r for r in fwd if r.ok]
     hf, hr, hd = HEADLINE[device_type]
     key = (hf, hr, hd)
     if not any((r.shape["in"], r.shape["rank"], r.dtype) == key for r in ok) and ok:
         key = (ok[0].shape["in"], ok[0].shape["rank"], ok[0].dtype)
-    sel = [r for r in rows if (r.shape["in"], r.shape["rank"], r.dtype) == key]
+    sel = [r for r in fwd if (r.shape["in"], r.shape["rank"], r.dtype) == key]
     return f"in=out={key[0]}, rank={key[1]}, {key[2]}", sel
 
 
@@ -213,43 +259,79 @@ def write_plot(path: Path, rows: list[Row], device_type: str, device_label: str)
     )
 
 
+def _is_goal_row(r: Row) -> bool:
+    s = r.shape
+    return (
+        r.ok
+        and r.device == "cuda"
+        and r.dtype == "bfloat16"
+        and s["in"] == s["out"]
+        and s["in"] in GOAL_FEATURES
+        and s["rank"] in GOAL_RANKS
+    )
+
+
+def _where(r: Row) -> str:
+    s = r.shape
+    return f"M={s['M']} in=out={s['in']} rank={s['rank']}"
+
+
 def targets_summary(rows: list[Row]) -> list[str]:
-    """The GPU goals at the headline shape: PASS/MISS with the measured numbers (not asserts)."""
-    hf, hr, hd = HEADLINE["cuda"]
-    sel = [
-        r
-        for r in rows
-        if r.ok and (r.shape["in"], r.shape["rank"], r.dtype) == (hf, hr, hd) and r.device == "cuda"
+    """The goals of issue 9 per lrkernels provider: PASS/MISS with the worst row measured
+    (goals, not asserts)."""
+    sel = [r for r in rows if _is_goal_row(r)]
+    lines = [
+        f"lowrank targets (issue 9; bf16, in=out in {GOAL_FEATURES}, rank in {GOAL_RANKS}; "
+        f"goals, not asserts; the worst row is shown):"
     ]
-    lines = [f"targets at in=out={hf}, rank={hr}, {hd} (goals, not asserts):"]
     provs = [p for p in dict.fromkeys(r.provider for r in sel) if p.startswith("lrkernels-")]
     if not provs:
-        return lines + ["  no lrkernels provider was timed at this shape"]
+        return lines + ["  no lrkernels provider was timed at these shapes on a GPU"]
 
     def verdict(ok: bool) -> str:
         return "PASS" if ok else "MISS"
 
     for p in provs:
-        mine = [r for r in sel if r.provider == p and not math.isnan(r.speedup)]
-        small = [r for r in mine if r.shape["M"] <= 16]
-        big = [r for r in sel if r.provider == p and r.shape["M"] >= 1024]
-        if small:
-            s = min(r.speedup for r in small)
+        mine = [r for r in sel if r.provider == p]
+        for what, pas, keep, goal in GOALS:
+            cand = [r for r in mine if r.shape.get("pass", "fwd") == pas and keep(r.shape["M"])]
+            cand = [r for r in cand if not math.isnan(r.speedup)]
+            if not cand:
+                lines.append(f"  {p}: speedup vs {BASELINE} at {what}: not measured")
+                continue
+            w = min(cand, key=lambda r: r.speedup)
             lines.append(
-                f"  {p}: speedup vs {BASELINE} at M<=16: {s:.2f}x (goal >= 1.5x) {verdict(s >= 1.5)}"
+                f"  {p}: speedup vs {BASELINE} at {what}: {w.speedup:.2f}x (min, at {_where(w)}) "
+                f"(goal >= {goal:g}x) {verdict(w.speedup >= goal)}"
             )
-        if mine:
-            s = min(r.speedup for r in mine)
-            worst = min(mine, key=lambda r: r.speedup).shape["M"]
+        big = [r for r in mine if r.shape.get("pass", "fwd") == "fwd" and r.shape["M"] >= 1024]
+        if not big:
+            lines.append(f"  {p}: roofline fraction at M >= 1024: not measured")
+        else:
+            w = min(big, key=lambda r: r.roofline_frac)
+            f = w.roofline_frac
             lines.append(
-                f"  {p}: min speedup over all M: {s:.2f}x at M={worst} (goal >= 1.0x) {verdict(s >= 1.0)}"
-            )
-        if big:
-            f = min(r.roofline_frac for r in big)
-            lines.append(
-                f"  {p}: roofline fraction at M>=1024: {100 * f:.1f}% (min; goal >= 70%) {verdict(f >= 0.7)}"
+                f"  {p}: roofline fraction at M >= 1024: {100 * f:.1f}% (min, at {_where(w)}) "
+                f"(goal >= {100 * ROOFLINE_GOAL:.0f}%) {verdict(f >= ROOFLINE_GOAL)}"
             )
     return lines
+
+
+def _row_key(r: Row) -> tuple:
+    s = r.shape
+    return (s["in"], s["rank"], s["M"], r.dtype, s.get("pass", "fwd"))
+
+
+def is_headline(r: Row) -> bool:
+    cases = HEADLINE_CASES[r.device]
+    return _row_key(r) in {(f, rk, m, str(harness.DTYPES[d])[6:], p) for f, rk, m, d, p in cases}
+
+
+def dispatch_features(r: Row) -> dict:
+    """The op's dispatch features of a row: the dx pass calls the op with in and out swapped."""
+    s = r.shape
+    inn, out = (s["out"], s["in"]) if s.get("pass") == "dx" else (s["in"], s["out"])
+    return {"M": s["M"], "in": inn, "out": out, "rank": s["rank"]}
 
 
 # ------------------------------------------------------------------------------ main
@@ -259,126 +341,72 @@ def main(argv: list[str] | None = None, extra_providers: list[Provider] | None =
     """Run the benchmark; returns the exit status (1 iff a correctness check failed).
     `extra_providers` adds providers (tests inject a deliberately wrong one)."""
     args = parse_args(argv)
-    t_start = time.monotonic()
-    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = (
-        torch.device(device_type, torch.cuda.current_device())
-        if device_type == "cuda"
-        else torch.device("cpu")
+
+    def headline_left_out(device_type: str) -> list[tuple[str, str]]:
+        if not args.headline:
+            return []
+        why = "--headline: one compile per shape costs seconds; name it in --providers to run it"
+        return [("torch-compile-2mm", why)]
+
+    run = harness.Bench(
+        name="lowrank",
+        op=OP,
+        args=args,
+        all_providers=ALL_PROVIDERS,
+        baseline=BASELINE,
+        extra_left_out=headline_left_out,
     )
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible")
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if device_type == "cpu":
-        # Inductor's pool of compile workers would compete with the timed CPU kernels.
-        import torch._inductor.config as inductor_config
-
-        inductor_config.compile_threads = 1
-
-    names = _flat(args.providers) if args.providers else list(ALL_PROVIDERS)
-    left_out: list[str] = []
-    if not args.providers:  # by default only the library backends made for this device
-        other = {"cpu": ("lrkernels-cuda", "lrkernels-triton"), "cuda": ("lrkernels-cpu",)}
-        left_out = [n for n in names if n in other[device_type]]
-        names = [n for n in names if n not in left_out]
-    bad = [n for n in names if n not in ALL_PROVIDERS]
-    if bad:
-        raise SystemExit(f"unknown provider(s) {bad}; choose from {ALL_PROVIDERS}")
-    if BASELINE not in names:
-        names.append(BASELINE)  # speedups need it
-    providers = make_providers(names) + list(extra_providers or [])
-
-    cases = build_cases(args, device_type)
-    out_dir = Path(args.out)
-    slug = harness.device_slug(device)
-    csv_path = out_dir / f"lowrank-{slug}.csv"
-    svg_path = out_dir / f"lowrank-{slug}.svg"
-    meta = harness.collect_metadata(device)
-    timer_kw: dict = {}
-    if device_type == "cuda":
-        timer_kw["flush_l2"] = not args.warm_l2
-        if args.rep_ms:
-            timer_kw["rep_ms"] = args.rep_ms
-    elif args.rep_ms:
-        timer_kw["rep_s"] = args.rep_ms / 1e3
-
-    label = f"{meta['device_name']} ({device_type})"
-    print(
-        f"lowrank_linear benchmark on {label}; torch {meta['torch_version']}, "
-        f"triton {meta['triton_version']}, CUDA {meta['cuda_version']}, "
-        f"git {meta['git_commit']}{' (dirty)' if meta['git_dirty'] == 'True' else ''}"
-    )
-    if device_type == "cpu":
-        print(
-            "NOTE: CPU run (no CUDA device or --device cpu): small shapes, CPU times; "
-            "these are not the GPU numbers. The CPU roofline uses DRAM copy bandwidth, so "
-            "cache-resident shapes can exceed 100%."
-        )
-    avail = lrkernels.available_backends()
-    for n in left_out:
-        why = avail[n.split("-", 1)[1]] or f"not a {device_type} backend"
-        print(f"provider {n} not run on {device_type}: {why}")
+    providers = make_providers(run.provider_names) + list(extra_providers or [])
+    cases = build_cases(args, run.device_type)
+    run.banner("lowrank_linear benchmark")
     print(f"{len(cases)} cases x {len(providers)} providers; baseline {BASELINE}", flush=True)
 
     rows: list[Row] = []
-    peaks_by_dtype = {}
     truncated = 0
-    for i, (feat, rank, M, dtype) in enumerate(cases):
-        if args.max_seconds and time.monotonic() - t_start > args.max_seconds:
+    for i, (feat, rank, M, dtype, pas) in enumerate(cases):
+        if run.out_of_time():
             truncated = len(cases) - i
             break
-        dname = str(dtype).replace("torch.", "")
-        if dname not in peaks_by_dtype:
-            peaks_by_dtype[dname] = measure_peaks(device, dtype)
-            pk = peaks_by_dtype[dname]
-            print(
-                f"measured peaks ({dname}): {pk.bandwidth_bytes_per_s / 1e9:.0f} GB/s, "
-                f"{pk.flops_per_s / 1e12:.2f} TFLOP/s [{pk.how}]",
-                flush=True,
-            )
-        inp = make_inputs(M, feat, feat, rank, dtype, device, not args.no_bias, args.seed + i)
-        ref = lowrank_linear_exact(inp["x"], inp["U"], inp["V"], inp["bias"])
-        cost = lowrank_linear_cost(M, feat, feat, rank, inp["x"].element_size(), not args.no_bias)
+        peaks = run.peaks(dtype)
+        inp = make_inputs(
+            M, feat, feat, rank, dtype, run.device, not args.no_bias, args.seed + i, pas
+        )
+        x, U, V, b = inp["args"]
+        check = harness.spread_rows(M, run.device)
+        ref = lowrank_linear_exact(x if check is None else x[check], U, V, b)
+        cost = lowrank_linear_cost(M, V.shape[1], U.shape[0], rank, x.element_size(), b is not None)
         case_rows = harness.run_case(
             op=OP,
             shape=inp["shape"],
             dtype=dtype,
-            device=device,
+            device=run.device,
             inputs=inp,
             reference=ref,
             cost=cost,
             providers=providers,
-            peaks=peaks_by_dtype[dname],
+            peaks=peaks,
             baseline=BASELINE,
-            timer_kw=timer_kw,
+            timer_kw=run.timer_kw,
+            check_rows=check,
+            out_shape=(M, U.shape[0]),
         )
         rows += case_rows
         del inp, ref
-        print(f"\n[{i + 1}/{len(cases)}] in=out={feat} rank={rank} M={M} {dname}")
+        dname = str(dtype).replace("torch.", "")
+        print(f"\n[{i + 1}/{len(cases)}] {pas} in=out={feat} rank={rank} M={M} {dname}")
         harness.print_table(case_rows)
-        harness.write_csv(
-            csv_path, rows, meta, peaks_by_dtype
-        )  # after every case: partial runs count
+        run.write_csv(rows)  # after every case: partial runs count
 
-    print("\n=== all rows ===")
-    harness.print_table(rows)
-    if truncated:
-        print(f"\nWARNING: --max-seconds {args.max_seconds:g} reached; {truncated} case(s) not run")
-    if device_type == "cuda":
-        print()
-        print("\n".join(targets_summary(rows)))
-    print(f"\nCSV: {csv_path}")
-    if not args.no_plot and rows:
-        print(f"SVG: {write_plot(svg_path, rows, device_type, label)}")
-    failed = [r for r in rows if r.failed]
-    if failed:
-        print(f"\n{len(failed)} correctness check(s) FAILED:", file=sys.stderr)
-        for r in failed:
-            print(f"  {r.provider} {r.shape} {r.dtype}: {r.status}", file=sys.stderr)
-        return 1
-    return 0
+    return run.finish(
+        rows,
+        report=targets_summary(rows),
+        plot=lambda path: write_plot(path, rows, run.device_type, run.label),
+        truncated=truncated,
+        headline=is_headline,
+        dispatch_entries=lambda: harness.dispatch_entries(
+            rows, op=OP, paths=DISPATCH_PATHS, features=dispatch_features, device=run.device
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Public API:
     nn.LoRALinear, nn.add_lora, nn.load_peft_adapter, ...   LoRA modules, PEFT interop
     quant.quantize / quant.dequantize            int8 weight quantization
     available_backends(), not_supported_reasons(), set_default_backend()
+    explain(op, *args, **kwargs)                 which backend a call would run, and why
 """
 
 from ._source_layout import ensure_triton_kernels_package
@@ -29,6 +30,7 @@ from .backends import (  # noqa: E402
     not_supported_reasons,
     set_default_backend,
 )
+from .dispatch import explain  # noqa: E402
 from .ops.attention import block_sparse_attention, local_attention  # noqa: E402
 from .ops.int8 import int8_linear  # noqa: E402
 from .ops.lora import lora_linear, lora_linear_multi  # noqa: E402
@@ -40,6 +42,7 @@ __all__ = [
     "BACKENDS",
     "available_backends",
     "block_sparse_attention",
+    "explain",
     "int8_linear",
     "local_attention",
     "lora_linear",

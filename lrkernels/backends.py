@@ -1,12 +1,14 @@
 """Backend registry: which backends exist on this machine, which can take given inputs, and
 the choice between them.
 
-Backends (fastest first): ``cuda`` (the C++/CUDA extension), ``triton``, ``cpu`` (the C++ CPU
-implementation) and ``torch`` (the plain-PyTorch reference, which runs everywhere).
-``backend=None`` means auto: the first backend in that order whose `not_supported_reasons` is
-empty. An explicit backend that cannot run raises with its reasons; auto falls back and never
-hides a wrong answer. The environment variable ``LRKERNELS_BACKEND`` (read once at import) or
-`set_default_backend` replaces auto for the whole process (benchmarks, A/B checks).
+Backends: ``cuda`` (the C++/CUDA extension), ``triton``, ``cpu`` (the C++ CPU implementation)
+and ``torch`` (the plain-PyTorch reference, which runs everywhere). ``backend=None`` means auto:
+`lrkernels.dispatch` orders the backends for these inputs — from a table of measured results
+where it has a row for (op, device, dtype, shape class), from the op's conservative rule
+otherwise — and the first whose `not_supported_reasons` is empty runs; ``lrkernels.explain``
+says which and why. An explicit backend that cannot run raises with its reasons; auto falls back
+and never hides a wrong answer. The environment variable ``LRKERNELS_BACKEND`` (read once at
+import) or `set_default_backend` replaces auto for the whole process (benchmarks, A/B checks).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from collections.abc import Callable
 
 import torch
 
-from . import _ext
+from . import _ext, dispatch
 
-BACKENDS = ("cuda", "triton", "cpu", "torch")
+BACKENDS = dispatch.BACKENDS
 
 
 def _triton_status() -> str | None:
@@ -144,8 +146,17 @@ def not_supported_reasons(
 
 def select_backend(op: str, backend: str | None, *args, **kwargs) -> str:
     """The backend that runs `op` on these arguments: `backend` (or the process default) if
-    given, which must support them, else the fastest one that does."""
+    given, which must support them, else the first of `lrkernels.dispatch`'s order for these
+    inputs (measured table or rule) that supports them. Under `lrkernels.explain` it returns
+    nothing and hands the decision, with its reasons, to `explain` instead."""
     requested = backend if backend is not None else _DEFAULT_BACKEND
+    if dispatch.explaining():
+        how = (
+            f"backend={backend!r} passed"
+            if backend is not None
+            else "the process default (set_default_backend / LRKERNELS_BACKEND)"
+        )
+        raise dispatch._Explained(dispatch.explanation(op, requested, how, args, kwargs))
     if requested is not None:
         reasons = not_supported_reasons(op, requested, *args, **kwargs)
         if reasons:
@@ -153,7 +164,9 @@ def select_backend(op: str, backend: str | None, *args, **kwargs) -> str:
                 f"{op}: backend {requested!r} cannot run these inputs: " + "; ".join(reasons)
             )
         return requested
-    for candidate in BACKENDS:
-        if not not_supported_reasons(op, candidate, *args, explicit=False, **kwargs):
+    for candidate in dispatch.preference(op, *args, **kwargs):
+        if candidate == "torch" or not not_supported_reasons(
+            op, candidate, *args, explicit=False, **kwargs
+        ):
             return candidate
-    raise AssertionError("the torch backend supports every valid input")  # pragma: no cover
+    raise AssertionError("the order always ends with torch")  # pragma: no cover

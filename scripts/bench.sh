@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job (README): sets up .venv, builds the extension, and runs the three benchmarks on
 # whatever device is there (GPU: the full sweeps; CPU: small shapes, labelled CPU). Results
-# (CSV + SVG plots) go to bench/results/. Extra arguments go to every benchmark (e.g. --quick).
+# (CSV + SVG plots) go to build/bench-results/ (LRKERNELS_BENCH_OUT or --out to change it).
+# Extra arguments go to every benchmark (e.g. --quick).
 # The exit status is non-zero if any benchmark's correctness cross-check failed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

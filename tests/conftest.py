@@ -6,6 +6,8 @@
   triton is imported).
 - Every test gets fresh random inputs: the run's base seed (LRKERNELS_TEST_SEED, random when
   unset, printed in the header) mixed with the test's id, so a failure can be replayed.
+- The tests that exercise a GPU when one is there carry the ``gpu`` marker (`needs_gpu`), which
+  scripts/gpu_run.sh selects with ``-m gpu``; without a GPU they run or skip as before.
 """
 
 from __future__ import annotations
@@ -80,3 +82,27 @@ def assert_matches(out, exact, same_dtype_torch, *, what="output"):
     assert err <= bound, (
         f"{what}: relative error {err:.3e} > bound {bound:.3e} (torch: {torch_err:.3e})"
     )
+
+
+# Test files whose every test runs on CUDA tensors when a GPU is there (the Triton kernel tests).
+GPU_MODULE_PREFIXES = ("test_triton_",)
+
+
+def needs_gpu(item) -> bool:
+    """Whether a test exercises the GPU when one is there: marked ``gpu`` explicitly,
+    parametrized with the cuda or triton backend, in a Triton kernel test file, or skipped
+    without a GPU (a skipif whose reason names the GPU)."""
+    if item.get_closest_marker("gpu") is not None:
+        return True
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") in ("cuda", "triton"):
+        return True
+    if item.path.name.startswith(GPU_MODULE_PREFIXES):
+        return True
+    return any("GPU" in str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif"))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if needs_gpu(item) and item.get_closest_marker("gpu") is None:
+            item.add_marker(pytest.mark.gpu)

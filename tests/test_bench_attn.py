@@ -375,34 +375,39 @@ def test_unknown_builder_is_skipped_with_reason(tmp_path, fake_ops):
     assert len({r["computed_blocks"] for r in causal}) == 1
 
 
-def _row(provider, pas, S, ms, computed, speedup=math.nan):
-    shape = {"pattern": "local", "pass": pas, "S": S, "D": 128, "B": 2, "Hq": 16, "Hkv": 16}
+def _row(provider, pas, S, ms, computed, speedup=math.nan, pattern="local", vs_causal=math.nan):
+    shape = {"pattern": pattern, "pass": pas, "S": S, "D": 128, "B": 2, "Hq": 16, "Hkv": 16}
     shape |= {"window_left": 511, "window_right": 0}
     r = attn.AttnRow("block_sparse_attention", provider, "cuda", "bfloat16", shape)
     r.ms_median, r.flops, r.useful_flops, r.speedup = ms, computed, computed // 2, speedup
+    r.vs_sdpa_causal = vs_causal
     return r
 
 
 def test_targets_summary_pass_and_miss():
     rows = [
-        _row("lrkernels-cuda", "fwd", 16384, 1.0, int(350e9), speedup=1.2),
-        _row("lrkernels-cuda", "bwd", 16384, 1.0, int(150e9)),
+        _row("lrkernels-cuda", "fwd", 16384, 1.0, int(350e9), speedup=1.25),
+        _row("lrkernels-cuda", "bwd", 16384, 1.0, int(150e9), speedup=0.8),
         _row("lrkernels-cuda", "fwd", 4096, 0.25, int(80e9)),
         _row("lrkernels-cuda", "fwd", 65536, 4.2, int(1400e9)),
+        _row("lrkernels-cuda", "fwd", 8192, 1.0, int(1e12), pattern="causal", vs_causal=0.85),
         _row("lrkernels-triton", "fwd", 16384, 2.0, int(350e9), speedup=0.6),
         _row("flex-attention", "fwd", 16384, 1.2, int(350e9)),
     ]
     text = "\n".join(attn.targets_summary(rows))
     assert "lrkernels-cuda: forward 350.0 TFLOP/s" in text and "(goal >= 300) PASS" in text
-    assert "lrkernels-cuda: forward vs flex-attention: 1.20x (goal >= 1.0x) PASS" in text
+    assert "lrkernels-cuda: forward time 0.80x flex-attention's (goal <= 0.9x) PASS" in text
     assert "lrkernels-cuda: backward 150.0 TFLOP/s" in text and "(goal >= 200) MISS" in text
+    assert "lrkernels-cuda: backward time 1.25x flex-attention's (goal <= 1x) MISS" in text
+    assert "dense causal S=8192 forward: 0.85x the speed of sdpa-causal (goal >= 0.8x) PASS" in text
     assert "lrkernels-cuda: time(65536)/time(4096) / 16 = 1.050" in text
     assert "lrkernels-triton: forward 175.0 TFLOP/s" in text
-    assert "lrkernels-triton: forward vs flex-attention: 0.60x (goal >= 1.0x) MISS" in text
+    assert "lrkernels-triton: forward time 1.67x flex-attention's (goal <= 0.9x) MISS" in text
     assert "lrkernels-triton: backward at S=16384: not measured" in text
+    assert "lrkernels-triton: dense causal S=8192 forward: not measured" in text
     assert not any(ln.startswith("  flex-attention") for ln in text.splitlines())
     verdicts = [ln for ln in text.splitlines() if ln.rstrip().endswith(("PASS", "MISS"))]
-    assert len(verdicts) == 6
+    assert len(verdicts) == 8
     lines = "\n".join(attn.linearity_lines(rows, "cuda"))
     assert "linearity lrkernels-cuda: time(65536)/time(4096) / 16 = 1.050 (within 10%" in lines
 

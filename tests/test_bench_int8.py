@@ -137,12 +137,15 @@ def _args(**kw) -> argparse.Namespace:
 def test_case_order_puts_the_headline_first_and_drops_bad_groups(capsys):
     cases = bench_int8.build_cases(_args(), "cuda")
     first = [c for c in cases if c[:4] == (4096, 4096, torch.bfloat16, 0)]
-    assert cases[: len(first)] == first and [c[4] for c in first] == sorted(c[4] for c in first)
-    assert len(cases) == 5 * 10 * 2 * 2
+    assert cases[: len(first)] == first
+    fwd = [c[4] for c in first if c[5] == "fwd"]
+    assert fwd == sorted(fwd) and [c[4] for c in first if c[5] == "dx"] == [1024, 4096]
+    assert len(cases) == 5 * (10 + 2) * 2 * 2  # the full GPU sweep adds dx at M >= 1024
     cases = bench_int8.build_cases(
         _args(shapes=["64x96,32x128"], group=["0", "64"], M=["16", "1"], dtype=["fp32"]), "cpu"
     )
-    assert (64, 96, torch.float32, 64, 1) not in cases  # 64 does not divide 96
+    assert (64, 96, torch.float32, 64, 1, "fwd") not in cases  # 64 does not divide 96
+    assert (64, 96, torch.float32, 0, 1, "fwd") in cases
     assert "64x96 skipped for group 64" in capsys.readouterr().out
     assert [c[4] for c in cases[:2]] == [1, 16]
     assert len(cases) == 2 * 3
@@ -155,8 +158,8 @@ def test_case_order_puts_the_headline_first_and_drops_bad_groups(capsys):
 def test_targets_summary_pass_and_miss():
     peaks = {"bfloat16": DevicePeaks("gpu", 3e12, 7e14, True, "")}
 
-    def row(provider, out_f, in_f, M, ms, speedup, nbytes=0):
-        shape = {"M": M, "out": out_f, "in": in_f, "group": 0, "bias": True}
+    def row(provider, out_f, in_f, M, ms, speedup, nbytes=0, pas="fwd"):
+        shape = {"M": M, "out": out_f, "in": in_f, "group": 0, "bias": True, "pass": pas}
         r = Row("int8_linear", provider, "cuda", "bfloat16", shape)
         r.ms_median, r.speedup, r.bytes = ms, speedup, nbytes
         return r
@@ -166,7 +169,8 @@ def test_targets_summary_pass_and_miss():
         row("lrkernels-cuda", 4096, 4096, 16, 0.01, 1.8),
         row("lrkernels-cuda", 28672, 8192, 16, 0.01, 1.6),  # the worst M<=16 row
         row("lrkernels-cuda", 4096, 4096, 64, 0.02, 1.35),
-        row("lrkernels-cuda", 4096, 4096, 4096, 0.5, 0.85),
+        row("lrkernels-cuda", 4096, 4096, 4096, 0.5, 0.92),
+        row("lrkernels-cuda", 4096, 4096, 4096, 0.5, 0.91, pas="dx"),
         row("lrkernels-cuda", 1024, 1024, 16, 0.01, 0.5),  # below 4096x4096: not a target row
         # M=1 on 8192x8192: 2.7e12 bytes/s of 3e12 = 90%
         row("lrkernels-cuda", 8192, 8192, 1, 1.0, 2.0, nbytes=int(2.7e9)),
@@ -177,11 +181,12 @@ def test_targets_summary_pass_and_miss():
     assert f"{tag}: speedup at M<=16: 1.60x (min, at 28672x8192 M=16 bfloat16)" in text
     assert "(goal >= 1.7x) MISS" in text
     assert f"{tag}: speedup at M=64: 1.35x" in text and "(goal >= 1.3x) PASS" in text
-    assert f"{tag}: speedup at M=4096: 0.85x" in text and "(goal >= 0.9x) MISS" in text
+    assert f"{tag}: speedup at M=4096: 0.92x" in text and "(goal >= 0.95x) MISS" in text
+    assert f"{tag}: speedup at dx M=4096: 0.91x" in text and "(goal >= 0.9x) PASS" in text
     assert "2700 GB/s = 90.0% of the 3000 GB/s copy" in text and "(goal >= 85%) PASS" in text
     assert "torch-bf16-linear int8" not in text
     # every verdict line ends in PASS or MISS (scripts/gpu_run.sh greps for them)
     verdicts = [ln for ln in text.splitlines() if ln.rstrip().endswith(("PASS", "MISS"))]
-    assert len(verdicts) == 4
+    assert len(verdicts) == 5
     empty = "\n".join(bench_int8.targets_summary(rows[-1:], peaks))
     assert "no lrkernels provider" in empty

@@ -169,7 +169,8 @@ def test_available_backends_reports_reasons():
 def test_auto_selection_on_cpu_never_picks_the_interpreter():
     x, U, V, b = make_inputs((3,), 8, 8, 2, torch.float32, "cpu")
     chosen = lrkernels.backends.select_backend("lowrank_linear", None, x, U, V, b)
-    assert chosen == ("cpu" if lrkernels.available_backends()["cpu"] is None else "torch")
+    assert chosen != "triton"  # the interpreter is slow: never an automatic choice
+    assert chosen == lrkernels.explain("lowrank_linear", x, U, V, b).backend  # tests/test_dispatch
 
 
 def test_explicit_backend_that_cannot_run_raises_with_reason():

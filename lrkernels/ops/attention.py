@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from .. import _ext, backends, masks
+from .. import _ext, backends, dispatch, masks
 from ..reference import block_sparse_attention_reference
 
 _OP = "block_sparse_attention"
@@ -224,6 +224,66 @@ def _reasons(backend: str, q, k, v, layout, *, explicit: bool) -> list[str]:
 
 
 backends.register_reasons(_OP, _reasons)
+
+
+# ----------------------------------------------------------------------------- auto selection
+
+
+def _dispatch_features(q: Tensor, k: Tensor, v: Tensor, layout) -> dict:
+    """What auto selection keys on (lrkernels.dispatch): Python ints from shapes and the
+    layout's window only. ``keys``: the most keys one query may see — the window's width when
+    both sides are bounded, else the width of the layout's block lists."""
+    sk = k.shape[2]
+    left, right = layout.window
+    width = layout.kv_indices.shape[-1]
+    if layout.full_kv_indices is not None:
+        width = width + layout.full_kv_indices.shape[-1]
+    keys = width * layout.block_k
+    if left >= 0 and right >= 0 and left + right + 1 < keys:
+        keys = left + right + 1
+    train = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return {
+        "D": q.shape[-1],
+        "Sq": q.shape[2],
+        "Sk": sk,
+        "keys": keys,
+        "mode": "train" if train else "infer",
+    }
+
+
+def _dispatch_class(f) -> str:
+    """Head dim, query length bucket, the share of keys a query sees (<= 1/8: sparse, <= 1/2:
+    medium, else dense) and inference (forward only) or training (forward and backward)."""
+    keys, sk = f["keys"], f["Sk"]
+    share = "sparse" if keys * 8 <= sk else ("medium" if keys * 2 <= sk else "dense")
+    return (
+        f"D={f['D']} Sq={dispatch.bucket(f['Sq'], dispatch.SEQ_BUCKETS)} keys={share} {f['mode']}"
+    )
+
+
+def _dispatch_rule(device: str, dtype: str, f) -> tuple[tuple[str, ...], str]:
+    """Backends in the order they are expected to win where the measured table has no row.
+    The torch path is a dense masked softmax: Sq x Sk scores in memory, all of them computed."""
+    if device == "cuda":
+        return ("triton", "cuda"), (
+            "the torch path computes all Sq x Sk scores densely; static estimate (issue 10): "
+            "the triton kernels about 1.7-2x faster than the cuda kernels"
+        )
+    sparse = f["keys"] * 8 <= f["Sk"]
+    if f["Sq"] > 1024 and sparse:
+        return ("cpu",), (
+            "on the CPU, long sequences with a sparse mask: the torch path's Sq x Sk scores grow "
+            "quadratically, the cpu kernel visits listed blocks only"
+        )
+    return ("torch",), (
+        "on the CPU torch's dense path up to 1024 queries or with a dense mask (the cpu "
+        "backend measured 0.16-0.18x of FlexAttention's forward on these sizes, issue 7)"
+    )
+
+
+dispatch.register_op(
+    _OP, features=_dispatch_features, shape_class=_dispatch_class, rule=_dispatch_rule
+)
 
 
 @functools.lru_cache(maxsize=64)

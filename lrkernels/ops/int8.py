@@ -21,7 +21,7 @@ import os
 import torch
 from torch import Tensor
 
-from .. import _ext, backends
+from .. import _ext, backends, dispatch
 from ..reference import int8_linear_reference
 
 _OP = "int8_linear"
@@ -160,6 +160,54 @@ def _reasons(backend: str, x, qweight, scales, bias, *, explicit: bool) -> list[
 
 
 backends.register_reasons(_OP, _reasons)
+
+
+# ----------------------------------------------------------------------------- auto selection
+
+
+def _dispatch_features(x: Tensor, qweight: Tensor, scales: Tensor, bias=None) -> dict:
+    """What auto selection keys on (lrkernels.dispatch): Python ints from the shapes only."""
+    n, k = qweight.shape
+    group = 0 if scales.dim() == 1 else k // scales.shape[1]
+    return {
+        "M": dispatch.rows_of(x),
+        "in": k,
+        "out": n,
+        "scales": f"g{group}" if group else "channel",
+    }
+
+
+def _dispatch_rule(device: str, dtype: str, f) -> tuple[tuple[str, ...], str]:
+    """Backends in the order they are expected to win where the measured table has no row.
+    The torch path dequantizes the whole weight on every call (int8 read, float32 and 16-bit
+    copies written and read: about 20 bytes per weight against the kernels' 1), which the
+    kernels beat wherever the weight's bytes dominate: small M."""
+    if device == "cuda":
+        if f["M"] <= 1:
+            return ("cuda", "triton"), (
+                "M = 1: weight streaming; static estimate (issue 8): the cuda GEMV at 65-75% of "
+                "copy bandwidth, the triton kernel at about a bf16 F.linear's time, the torch "
+                "path (dequantize every call, ~20 bytes per weight) several times slower"
+            )
+        if f["M"] <= 256:
+            return ("triton", "cuda"), (
+                "M <= 256: static estimate (issue 8): the triton kernel at about 1.0x of a bf16 "
+                "F.linear up to M = 16 and somewhat less at M = 64, the cuda kernels at 0.2-0.5x; "
+                "both ahead of the torch path, which dequantizes the whole weight every call"
+            )
+        return ("torch",), (
+            "M > 256: static estimate (issue 8): the int8 kernels at 0.45-0.6x of cuBLAS at "
+            "M = 4096, where dequantizing once per call costs the torch path little; torch until "
+            "measured"
+        )
+    return (
+        "torch",
+    ), "on the CPU torch's dequantize-then-matmul until a measurement says otherwise"
+
+
+dispatch.register_op(
+    _OP, features=_dispatch_features, shape_class=dispatch.linear_class, rule=_dispatch_rule
+)
 
 
 # ----------------------------------------------------------------------------- torch ops
