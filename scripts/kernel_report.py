@@ -4,6 +4,8 @@ compiled code, without a GPU.
     python scripts/kernel_report.py                  # writes bench/results/kernel_report.{md,json}
     python scripts/kernel_report.py --out-dir DIR    # elsewhere
     python scripts/kernel_report.py --check          # also exit 1 on a spill in a headline kernel
+    python scripts/kernel_report.py --python .venv-oldest/bin/python --python .venv/bin/python
+                                                     # Triton side by two tritons (3.6 and 3.9)
 
 For each launch of a headline shape (scripts/kreport/headline.py; issues 8, 9, 10): the kernel
 (template instance / Triton specialisation), grid, block, shared memory, registers, spills
@@ -190,13 +192,23 @@ def spills(report: dict) -> list[str]:
             found.append(f"CUDA {k['short']} ({ln['case']}, {ln['path']}): "
                          f"{k['counts'].get('LDL', 0)} LDL / {k['counts'].get('STL', 0)} STL, "
                          f"stack {k['stack']} B")  # fmt: skip
-    tri = report["triton"]
-    for ln in tri.get("launches", []):
-        k = tri["kernels"][ln["compiled"]]
-        if k["counts"].get("LDL", 0) or k["counts"].get("STL", 0):
-            found.append(f"Triton {k['kernel']} ({ln['case']}): {k['counts'].get('LDL', 0)} LDL / "
-                         f"{k['counts'].get('STL', 0)} STL, stack {k['stack']} B")  # fmt: skip
+    for tri in [report["triton"], *report.get("triton_others", [])]:
+        version = tri.get("triton", "?")
+        for ln in tri.get("launches", []):
+            k = tri["kernels"][ln["compiled"]]
+            if k["counts"].get("LDL", 0) or k["counts"].get("STL", 0):
+                found.append(f"Triton {version} {k['kernel']} ({ln['case']}): "
+                             f"{k['counts'].get('LDL', 0)} LDL / {k['counts'].get('STL', 0)} STL, "
+                             f"stack {k['stack']} B")  # fmt: skip
     return sorted(set(found))
+
+
+def problems(report: dict) -> list[str]:
+    """Spills, and cases or launches a part could not plan, compile or match."""
+    out = list(report["spills"]) + report["cuda"].get("errors", [])
+    for tri in [report["triton"], *report.get("triton_others", [])]:
+        out += [f"triton {tri.get('triton', '?')}: {e}" for e in tri.get("errors", [])]
+    return out
 
 
 def _git(*args: str) -> str:
@@ -214,7 +226,10 @@ def _timed(fn, *args) -> dict:
     return part
 
 
-def generate(python: str = sys.executable, parts=("cuda", "triton")) -> dict:
+def generate(pythons: list[str] | None = None, parts=("cuda", "triton")) -> dict:
+    """The report. pythons: interpreters whose triton compiles the Triton side (default: this
+    one); the first drives the tables, the others add a table of what differs with theirs."""
+    pythons = pythons or [sys.executable]
     cases = headline.cases()
     report = {
         "commit": _git("rev-parse", "--short", "HEAD"),
@@ -228,9 +243,12 @@ def generate(python: str = sys.executable, parts=("cuda", "triton")) -> dict:
         ],
     }  # fmt: skip
     skipped = {"status": "skipped: not asked for"}
-    job = TritonJob(python) if "triton" in parts else None  # runs while the CUDA side does
+    # The Triton sides run in their own processes while this one does the CUDA side.
+    jobs = [TritonJob(py) for py in pythons] if "triton" in parts else []
     report["cuda"] = _timed(cuda_part, cases) if "cuda" in parts else skipped
-    report["triton"] = job.result() if job else skipped
+    results = [job.result() for job in jobs]
+    report["triton"] = results[0] if results else skipped
+    report["triton_others"] = results[1:]
     report["spills"] = spills(report)
     return report
 
@@ -238,8 +256,9 @@ def generate(python: str = sys.executable, parts=("cuda", "triton")) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--python", default=sys.executable,
-                    help="interpreter (hence triton version) that compiles the Triton kernels")  # fmt: skip
+    ap.add_argument("--python", action="append",
+                    help="interpreter (hence triton version) that compiles the Triton kernels; "
+                         "repeat it to compare versions (default: this one)")  # fmt: skip
     ap.add_argument("--parts", nargs="+", default=["cuda", "triton"], choices=["cuda", "triton"])
     ap.add_argument("--check", action="store_true",
                     help="exit 1 when a headline kernel spills or a part reports errors")  # fmt: skip
@@ -249,12 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     (args.out_dir / "kernel_report.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out_dir / "kernel_report.md").write_text(render.markdown(report))
     print(f"wrote {args.out_dir / 'kernel_report.md'} and kernel_report.json")
-    problems = (
-        report["spills"] + report["cuda"].get("errors", []) + report["triton"].get("errors", [])
-    )
-    for p in problems:
+    found = problems(report)
+    for p in found:
         print("  ", p)
-    return 1 if args.check and problems else 0
+    return 1 if args.check and found else 0
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@ Run in its own process (it patches torch and triton): ``python -m kreport.triton
 with scripts/ and the repo root on PYTHONPATH; `kernel_report.py` does that.
 
 1. The public ops (`lrkernels.lowrank_linear`, `int8_linear`, `block_sparse_attention`, with
-   ``backend="triton"``, and their backward through autograd) run under `FakeTensorMode` on a
-   fake "cuda" device whose torch.cuda queries answer as an H200 (132 SMs, 232,448 B of opt-in
-   shared memory per block): the real launchers pick their real configurations.
-   Backward passes run the op's registered autograd formula by hand (`OpCalls`).
+   ``backend="triton"``) run under `FakeTensorMode` on a fake "cuda" device whose torch.cuda
+   queries answer as an H200 (132 SMs, 232,448 B of opt-in shared memory per block): the real
+   launchers pick their real configurations. A backward case runs the forward op's registered
+   autograd formula by hand (`OpCalls`; autograd's engine needs a real CUDA device).
 2. Every ``kernel[grid](...)`` lands in a recorder (``JITFunction.run`` replaced;
    ``torch.library.wrap_triton`` returns the kernel itself) with its grid and arguments; an
    autotuned kernel records every candidate config (nothing can be timed here).
