@@ -397,8 +397,10 @@ def plan(cases: list[headline.Case]) -> dict:
 def main(argv: list[str]) -> int:
     """argv: OUT.json [substring ...] (only the cases whose id contains one of them)."""
     out, only = Path(argv[0]), argv[1:]
+    t0 = time.perf_counter()
     cases = [c for c in headline.cases() if not only or any(o in c.id for o in only)]
     result = plan(cases)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
     out.write_text(json.dumps(result, indent=1, default=str))
     return 0
 
