@@ -254,6 +254,20 @@ def generate(pythons: list[str] | None = None, parts=("cuda", "triton")) -> dict
     return report
 
 
+def dumps(obj, indent: int = 0, width: int = 400) -> str:
+    """JSON with every container that fits in `width` columns on one line: one launch or kernel
+    per line, so that a regenerated report diffs line by line."""
+    flat = json.dumps(obj)
+    if not isinstance(obj, dict | list) or not obj or indent + len(flat) <= width:
+        return flat
+    pad = " " * (indent + 1)
+    if isinstance(obj, dict):
+        items = [f"{pad}{json.dumps(k)}: {dumps(v, indent + 1, width)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    items = [pad + dumps(v, indent + 1, width) for v in obj]
+    return "[\n" + ",\n".join(items) + "\n" + " " * indent + "]"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
@@ -266,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     report = generate(args.python, tuple(args.parts))
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "kernel_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out_dir / "kernel_report.json").write_text(dumps(report) + "\n")
     (args.out_dir / "kernel_report.md").write_text(render.markdown(report))
     print(f"wrote {args.out_dir / 'kernel_report.md'} and kernel_report.json")
     found = problems(report)
