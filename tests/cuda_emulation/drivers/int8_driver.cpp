@@ -89,6 +89,7 @@ std::string run(const drv::Case& c, std::string* stats) {
   }
   if (err != cudaSuccess) return "launch returned cudaError " + std::to_string(err);
 
+  drv::Checker check(drv::tolerance<T>(), vals.exact());  // before the O(N·K) W (plan mode)
   // W in float64: float(q) * s rounded to float32 (exact for dist=int), then to T on the tensor
   // cores.
   std::vector<double> w(N * K);
@@ -99,7 +100,6 @@ std::string run(const drv::Case& c, std::string* stats) {
       w[n * K + k] = path == "tc" ? drv::round_to<T>(v) : v;
     }
   }
-  drv::Checker check(drv::tolerance<T>(), vals.exact());
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t o = 0; o < out_cols; ++o) {
       const double bias = has_bias ? drv::to_f(b[o]) : 0.0;
