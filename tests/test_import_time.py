@@ -50,6 +50,20 @@ def test_compile_time_constant_matches_torchs_decorator():
     assert vars(compile_time_constant(probe)) == attrs
 
 
+def test_triton_ops_register_on_first_use_also_inside_torch_compile():
+    """The first use may be inside a compiled function: dynamo runs the registration eagerly
+    (a compile-time constant) instead of tracing into it, and fullgraph holds."""
+    pytest.importorskip("triton")
+    code = (
+        "import torch, lrkernels.ops.lowrank as m\n"
+        "assert not m._TRITON_OPS_REGISTERED\n"
+        "f = torch.compile(lambda x: x + m._ensure_triton_ops(), fullgraph=True, backend='eager')\n"
+        "assert torch.equal(f(torch.zeros(2)), torch.ones(2))\n"
+        "print(m._TRITON_OPS_REGISTERED and hasattr(torch.ops.lrkernels, 'lowrank_linear_triton'))"
+    )
+    assert _run(code) == "True"
+
+
 @pytest.mark.slow
 def test_import_time_relative_to_torch():
     timer = "import time; t = time.perf_counter(); {}; print(time.perf_counter() - t)"

@@ -156,6 +156,24 @@ def test_qwen2_window_and_full_layers(calls):
     assert relative_error(ours, sdpa) < 5e-7
 
 
+def test_gemma3_local_and_global_layers(calls):
+    config = transformers.Gemma3TextConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=WINDOW,
+        max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    assert set(model.config.layer_types) == {"sliding_attention", "full_attention"}
+    ids = torch.randint(0, 97, (2, 40))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = _logits(model, "lrkernels", ids)
+    assert sorted({c[2] for c in calls}) == [(-1, 0), (WINDOW - 1, 0)]
+    sdpa, eager = _logits(model, "sdpa", ids), _logits(model, "eager", ids)
+    assert relative_error(ours, sdpa) <= 2 * relative_error(sdpa, eager) + 1e-7
+
+
 def test_softcapping_is_routed_to_the_models_eager_attention(calls):
     config = transformers.Gemma2Config(
         vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

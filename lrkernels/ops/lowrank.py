@@ -9,7 +9,8 @@ Three torch ops compute it, one per compiled backend, and the reference covers t
 - the ``torch`` backend is `lrkernels.reference.lowrank_linear_reference` (two matmuls).
 
 Both ops get a fake implementation (shapes and strides, for torch.compile / meta tensors: the
-output is contiguous, as every backend allocates it) and the same autograd formula, whose input gradient is itself a low-rank product through the same op:
+output is contiguous, as every backend allocates it) and the same autograd formula, whose input
+gradient is itself a low-rank product through the same op:
 ``dx = dy · U · V = lowrank(dy, Vᵀ, Uᵀ)``; ``dU = dyᵀ · (x · Vᵀ)``, ``dV = (dy · U)ᵀ · x``
 and ``dbias = Σ dy`` are ordinary GEMMs/reductions left to torch.
 """
