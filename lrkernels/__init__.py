@@ -14,11 +14,17 @@ Public API:
     nn.LowRankLinear, nn.factorize_linears       low-rank modules and converters
     nn.Int8Linear, nn.quantize_linears           int8 modules and converters
     nn.LoRALinear, nn.add_lora, nn.load_peft_adapter, ...   LoRA modules, PEFT interop
+    nn.SparseAttention                           local / block-sparse attention as a module
+    nn.save_compressed, nn.load_compressed       a converted model + its plan in one file
+    integrations.transformers                    attn_implementation="lrkernels" (import it)
     quant.quantize / quant.dequantize            int8 weight quantization
     available_backends(), not_supported_reasons(), set_default_backend()
     explain(op, *args, **kwargs)                 which backend a call would run, and why
 """
 
+# Imports stay light (tests/test_import_time.py): triton, the Triton kernels and torch._inductor
+# load on first use of the triton backend, safetensors and transformers on first use of what
+# needs them.
 from ._source_layout import ensure_triton_kernels_package
 
 ensure_triton_kernels_package()

@@ -24,11 +24,16 @@ BACKENDS = dispatch.BACKENDS
 
 
 def _triton_status() -> str | None:
+    # find_spec, not import: importing triton takes about half a second, paid on first use of
+    # the triton backend rather than by `import lrkernels` (the ops register their Triton ops
+    # then, see _ensure_triton_ops in lrkernels/ops/*.py).
+    import importlib.util
+
     try:
-        import triton  # noqa: F401
-    except ImportError as exc:
+        found = importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError) as exc:
         return f"triton is not installed ({exc})"
-    return None
+    return None if found else "triton is not installed"
 
 
 def _interpreting() -> bool:

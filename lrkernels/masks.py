@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import operator
 from typing import NamedTuple
 
 import torch
@@ -93,29 +94,62 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def as_int(value, what: str) -> int:
+    """``value`` as a Python int: an int (not a bool), a NumPy integer or a one-element integer
+    tensor; anything else (a float such as 4.9, a bool, a float tensor) is a TypeError naming
+    ``what``, never silently truncated. SymInts (sizes while tracing) pass through."""
+    if isinstance(value, torch.SymInt):
+        return value
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dtype.is_floating_point or value.dtype.is_complex:
+            raise TypeError(
+                f"{what} must be an int or a one-element integer tensor, got a tensor of dtype "
+                f"{value.dtype} and shape {tuple(value.shape)}"
+            )
+        if value.dtype == torch.bool:
+            raise TypeError(f"{what} must be an int, got a bool tensor")
+        return int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an int, got {value!r} ({type(value).__name__})")
+    return operator.index(value)
+
+
 def _check_window(window, what: str = "window") -> tuple[int, int]:
     if window is None:
         return (-1, -1)
+    if isinstance(window, str | bytes) or not hasattr(window, "__iter__"):
+        raise TypeError(f"{what} must be a pair (left, right) of ints, got {window!r}")
     try:
         left, right = window
     except (TypeError, ValueError):
         raise ValueError(f"{what} must be a pair (left, right), got {window!r}") from None
+    out = []
     for name, w in (("left", left), ("right", right)):
-        if isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < -1:
+        w = as_int(w, f"{what}: {name}")
+        if w < -1:
             raise ValueError(f"{what}: {name} must be an int >= -1 (-1 = unbounded), got {w!r}")
-    return (int(left), int(right))
+        out.append(w)
+    return (out[0], out[1])
 
 
-def _check_positive(**values) -> None:
+def _check_positive(**values) -> tuple[int, ...]:
+    """The values as ints, in order; TypeError for a non-int, ValueError for one below 1."""
+    out = []
     for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        out.append(as_int(v, name))
+        if out[-1] < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return tuple(out)
 
 
-def _check_nonneg(**values) -> None:
+def _check_nonneg(**values) -> tuple[int, ...]:
+    """The values as ints, in order; TypeError for a non-int, ValueError for a negative one."""
+    out = []
     for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        out.append(as_int(v, name))
+        if out[-1] < 0:
             raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    return tuple(out)
 
 
 # --------------------------------------------------------------------------- small list helpers
@@ -353,7 +387,8 @@ class BlockLayout:
     def __post_init__(self) -> None:
         w = self.window
         if isinstance(w, list | tuple) and len(w) == 2:
-            object.__setattr__(self, "window", (int(w[0]), int(w[1])))
+            left, right = as_int(w[0], "window: left"), as_int(w[1], "window: right")
+            object.__setattr__(self, "window", (left, right))
 
     # ------------------------------------------------------------------ derived sizes
 
@@ -679,7 +714,9 @@ def local_window_layout(
     rows that see nothing have count 0. Returns a (1, 1, NQB, ·) canonical layout holding
     `window`, built by per-row arithmetic in O(NQB · MAXB) memory.
     """
-    _check_positive(q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k)
+    q_len, kv_len, block_q, block_k = _check_positive(
+        q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k
+    )
     left, right = _check_window(window)
     if causal:
         if right > 0:
@@ -728,8 +765,10 @@ def dilated_layout(
     (-1, -1)); with causal the listed blocks keep window (-1, 0): blocks wholly below the
     diagonal are full, those the diagonal cuts partial. ``stride = 1`` is a block band.
     """
-    _check_positive(q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k, stride=stride)
-    _check_nonneg(window_blocks=window_blocks)
+    q_len, kv_len, block_q, block_k, stride = _check_positive(
+        q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k, stride=stride
+    )
+    (window_blocks,) = _check_nonneg(window_blocks=window_blocks)
     nkb = _cdiv(kv_len, block_k)
     c = _diagonal_key_block(q_len, kv_len, block_q, block_k, device)
     m_max = window_blocks // stride
@@ -776,9 +815,11 @@ def longformer_layout(
     `local_window_layout` (partial blocks keep the window). Rows of global query blocks list
     all NKB key blocks, so MAXB = NKB whenever g > 0 (the padded form's price).
     """
-    _check_positive(q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k)
-    _check_nonneg(global_tokens=global_tokens)
-    if isinstance(window, int) and not isinstance(window, bool):
+    q_len, kv_len, block_q, block_k = _check_positive(
+        q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k
+    )
+    (global_tokens,) = _check_nonneg(global_tokens=global_tokens)
+    if isinstance(window, numbers.Integral) and not isinstance(window, bool):
         window = (window, window)
     win = _check_window(window)
     nqb, nkb = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
@@ -827,12 +868,13 @@ def bigbird_layout(
     Deterministic for a given seed (a CPU torch.Generator; Floyd's sampling, vectorised over
     rows, one step per random block). Window (-1, -1).
     """
-    _check_positive(
+    q_len, kv_len, block_q, block_k, num_heads = _check_positive(
         q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k, num_heads=num_heads
     )
-    _check_nonneg(
+    window_blocks, global_blocks, random_blocks = _check_nonneg(
         window_blocks=window_blocks, global_blocks=global_blocks, random_blocks=random_blocks
     )
+    seed = as_int(seed, "seed")
     nqb, nkb = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
     g = min(global_blocks, nkb)
     c = _diagonal_key_block(q_len, kv_len, block_q, block_k)  # on CPU with the generator
@@ -891,7 +933,9 @@ def from_block_mask_matrix(
     Listed blocks are full, unless ``full`` (bool, same shape, a subset of ``mask``) is given:
     then ``mask & full`` are full and ``mask & ~full`` partial (with ``window``).
     """
-    _check_positive(q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k)
+    q_len, kv_len, block_q, block_k = _check_positive(
+        q_len=q_len, kv_len=kv_len, block_q=block_q, block_k=block_k
+    )
     win = _check_window(window)
     nqb, nkb = _cdiv(q_len, block_q), _cdiv(kv_len, block_k)
 

@@ -298,6 +298,52 @@ def test_bad_inputs_errors():
         lrkernels.local_attention(q, k, v, (-2, 0))
 
 
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(window=(4.9, 0)), TypeError, r"window left must be an int, got 4\.9"),
+        (dict(window=(-0.5, 0)), TypeError, r"window left must be an int, got -0\.5"),
+        (dict(window=(True, 0)), TypeError, "window left must be an int, got True"),
+        (dict(window=(3, 1.0)), TypeError, "window right must be an int"),
+        (dict(window=(3, torch.tensor(0.0))), TypeError, "window right must be an int or a one"),
+        (dict(window=4), TypeError, "window must be a pair"),
+        (dict(window=(1, 2, 3)), ValueError, "window must be a pair"),
+        (dict(window=(4, 0), block_size=16.0), TypeError, "block_size must be an int"),
+        (dict(window=(4, 0), block_size=0), ValueError, "block_size must be a positive int"),
+    ],
+)
+def test_window_and_block_size_must_be_ints(kwargs, exc, match):
+    q, k, v = make_qkv(1, 2, 1, 20, 20, 32, torch.float32, "cpu")
+    with pytest.raises(exc, match=match):
+        lrkernels.local_attention(q, k, v, backend="torch", **kwargs)
+    module_kwargs = dict(kwargs)
+    window = module_kwargs.pop("window")
+    with pytest.raises(exc, match=match):  # the module checks at construction
+        lrkernels.nn.SparseAttention(window, **module_kwargs)
+
+
+def test_window_accepts_integer_tensors_and_numpy_ints():
+    import numpy as np
+
+    q, k, v = make_qkv(1, 2, 1, 20, 20, 32, torch.float32, "cpu")
+    want = lrkernels.local_attention(q, k, v, (4, 0), block_size=16, backend="torch")
+    got = lrkernels.local_attention(
+        q, k, v, (torch.tensor(4), np.int64(0)), block_size=np.int32(16), backend="torch"
+    )
+    assert torch.equal(got, want)
+    mod = lrkernels.nn.SparseAttention((torch.tensor(4), 0), block_size=16, backend="torch")
+    assert mod.window == (4, 0) and torch.equal(mod(q, k, v), want)
+    for bad, exc in (
+        (dict(layout="causal"), TypeError),
+        (dict(window=(4, 0), causal="yes"), TypeError),
+        (dict(window=(4, 0), scale="0.1"), TypeError),
+        (dict(window=(4, 0), backend="gpu"), ValueError),
+        (dict(window=(4, 2), causal=True), ValueError),
+    ):
+        with pytest.raises(exc):
+            lrkernels.nn.SparseAttention(**bad)
+
+
 def test_unsupported_head_dim_on_gpu_kernels_is_a_clear_error():
     q, k, v = make_qkv(1, 2, 2, 20, 20, 48, torch.float16, "cpu")
     layout = masks.local_window_layout(20, 20, (-1, 0), block_q=64, block_k=64)

@@ -126,6 +126,7 @@ def test_opcheck_cpp_ops(backend, group):
 
 @pytest.mark.skipif(not HAS_CUDA, reason="opcheck of a triton_op traces the kernel: GPU only")
 def test_opcheck_triton_ops():
+    lrkernels.ops.register_triton_ops()  # registered lazily otherwise
     x, q, s, b = make_inputs((4, 5), 128, 16, 32, torch.float16, "cuda")
     torch.library.opcheck(
         torch.ops.lrkernels.int8_linear_triton.default, (x.requires_grad_(), q, s, b)

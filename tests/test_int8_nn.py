@@ -52,14 +52,31 @@ def test_constructor_buffers_and_parameters(group, scale_shape):
     m = Int8Linear(96, 29, group_size=group)
     assert m.qweight.dtype == torch.int8 and m.qweight.shape == (29, 96)
     assert not m.qweight.any()
-    assert m.scales.dtype == BF16 and m.scales.shape == scale_shape
-    assert m.bias.dtype == BF16 and m.bias.shape == (29,) and m.bias.requires_grad
-    assert m.dtype == BF16 and m.group_size == (group or 0) and m.backend is None
+    # dtype defaults to torch's default dtype, as for nn.Linear
+    assert m.scales.dtype == F32 and m.scales.shape == scale_shape
+    assert m.bias.dtype == F32 and m.bias.shape == (29,) and m.bias.requires_grad
+    assert m.dtype == F32 and m.group_size == (group or 0) and m.backend is None
     assert [name for name, _ in m.named_parameters()] == ["bias"]
     assert {name for name, _ in m.named_buffers()} == {"qweight", "scales"}
     assert set(m.state_dict()) == {"qweight", "scales", "bias"}
     m2 = Int8Linear(96, 29, bias=False, dtype=F16)
     assert m2.bias is None and list(m2.parameters()) == [] and m2.scales.dtype == F16
+
+
+def test_default_dtype_follows_torch_default():
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(F16)
+        assert Int8Linear(32, 8).dtype == F16 == nn.Linear(32, 8).weight.dtype
+        torch.set_default_dtype(F64)
+        with pytest.raises(ValueError, match="default dtype is torch.float64.*pass dtype="):
+            Int8Linear(32, 8)
+        assert Int8Linear(32, 8, dtype=F32).dtype == F32
+    finally:
+        torch.set_default_dtype(previous)
+    m = Int8Linear(32, 8, group_size=32)
+    m.backend = "torch"
+    assert m(torch.randn(3, 32)).dtype == F32  # a float32 forward works out of the box
 
 
 @pytest.mark.parametrize(
@@ -432,7 +449,7 @@ def test_quantize_linears_hooks_removed_when_forward_raises():
     assert not any(isinstance(m, Int8Linear) for m in model.modules())
 
 
-def test_quantize_linears_skips_tied_mha_and_float64():
+def test_quantize_linears_skips_tied_and_float64_converts_mha_out_proj():
     emb = nn.Embedding(10, 32)
     head = nn.Linear(32, 10, bias=False)
     head.weight = emb.weight  # tied
@@ -443,9 +460,9 @@ def test_quantize_linears_skips_tied_mha_and_float64():
     report = quantize_linears(model)
     reasons = {row.name: row.skipped for row in report.layers}
     assert "tied" in reasons["head"]
-    assert "MultiheadAttention" in reasons["mha.out_proj"]
     assert "torch.float64" in reasons["f64"] and "dtype=" in reasons["f64"]
-    assert not report.quantized and report.bytes_after == report.bytes_before
+    assert [row.name for row in report.quantized] == ["mha.out_proj"]  # MHA reads .weight
+    assert isinstance(mha.out_proj, Int8Linear) and model["head"] is head
     report = quantize_linears(model, include="f64", dtype=F32)
     assert isinstance(model["f64"], Int8Linear) and model["f64"].dtype == F32
 

@@ -117,6 +117,7 @@ def test_opcheck_cpp_op(backend, bias):
 
 @pytest.mark.skipif(not HAS_CUDA, reason="opcheck of a triton_op traces the kernel: GPU only")
 def test_opcheck_triton_op():
+    lrkernels.ops.register_triton_ops()  # registered lazily otherwise
     x, U, V, b = make_inputs((4, 5), 32, 16, 8, torch.float16, "cuda")
     args = (x.requires_grad_(), U.requires_grad_(), V.requires_grad_(), b)
     torch.library.opcheck(torch.ops.lrkernels.lowrank_linear_triton.default, args)

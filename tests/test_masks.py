@@ -178,12 +178,57 @@ def test_causal_layout_and_causal_flag():
         dict(q_len=4, kv_len=4, block_q=0),
         dict(q_len=4, kv_len=4, window=(-2, 0)),
         dict(q_len=4, kv_len=4, window=(1, 2, 3)),
-        dict(q_len=4, kv_len=4, window=(1.5, 2)),
     ],
 )
 def test_local_window_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         masks.local_window_layout(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(window=(4.9, 0)), r"window: left must be an int, got 4\.9"),
+        (dict(window=(-0.5, 0)), r"window: left must be an int, got -0\.5"),
+        (dict(window=(True, 0)), r"window: left must be an int, got True"),
+        (
+            dict(window=(0, torch.tensor(1.0))),
+            "window: right must be an int or a one-element integer",
+        ),
+        (dict(window="4"), "window must be a pair"),
+        (dict(block_q=64.0), "block_q must be an int, got 64.0"),
+        (dict(block_k=True), "block_k must be an int, got True"),
+        (dict(q_len=torch.tensor(True)), "q_len must be an int, got a bool tensor"),
+    ],
+)
+def test_window_and_sizes_must_be_ints(kwargs, match):
+    args = dict(q_len=64, kv_len=64, window=(4, 0), block_q=16, block_k=16) | kwargs
+    with pytest.raises(TypeError, match=match):
+        masks.local_window_layout(**args)
+
+
+def test_integer_tensors_and_numpy_ints_are_ints():
+    import numpy as np
+
+    ref = masks.local_window_layout(64, 64, (4, 0), block_q=16, block_k=16)
+    got = masks.local_window_layout(
+        torch.tensor(64), np.int64(64), (torch.tensor(4), np.int32(0)), block_q=np.int64(16),
+        block_k=torch.tensor(16, dtype=torch.int32),
+    )  # fmt: skip
+    assert got.window == (4, 0) and type(got.window[0]) is int and type(got.q_len) is int
+    assert torch.equal(got.kv_indices, ref.kv_indices)
+    for build in (
+        lambda: masks.dilated_layout(64, 64, stride=2.0, window_blocks=1, block_q=16, block_k=16),
+        lambda: masks.bigbird_layout(
+            64, 64, window_blocks=1, global_blocks=1, random_blocks=1.5, block_q=16, block_k=16
+        ),
+        lambda: masks.longformer_layout(64, 64, window=3.5, global_tokens=1),
+        lambda: masks.BlockLayout(
+            64, 64, 16, 16, ref.kv_num_blocks, ref.kv_indices, window=(2.5, 0)
+        ),
+    ):
+        with pytest.raises(TypeError, match="must be (an int|a pair)"):
+            build()
 
 
 def test_one_million_tokens_is_linear_in_memory():

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from torch import Tensor, nn
 
 __all__ = ["SparseAttention"]
@@ -29,13 +31,31 @@ class SparseAttention(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
+        from .. import masks
+        from ..backends import BACKENDS
+        from ..ops.attention import check_block_size, normalize_window
+
         if (window is None) == (layout is None) and not (causal and layout is None):
             raise ValueError(
                 "SparseAttention: give exactly one of window (or causal=True) or layout"
             )
-        self.window = tuple(window) if window is not None else ((-1, 0) if layout is None else None)
+        if not isinstance(causal, bool):
+            raise TypeError(f"SparseAttention: causal must be a bool, got {causal!r}")
+        if layout is not None and not isinstance(layout, masks.BlockLayout):
+            raise TypeError(
+                "SparseAttention: layout must be a lrkernels.masks.BlockLayout, got "
+                f"{type(layout).__name__}"
+            )
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+            raise TypeError(f"SparseAttention: scale must be a float or None, got {scale!r}")
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"SparseAttention: backend must be one of {BACKENDS} or None")
+        # Checked now, not at the first forward: window entries and block_size must be ints.
+        if window is not None:
+            window = normalize_window(window, causal)
+        self.window = window if window is not None else ((-1, 0) if layout is None else None)
         self.causal, self.layout, self.scale = causal, layout, scale
-        self.block_size, self.backend = block_size, backend
+        self.block_size, self.backend = check_block_size(block_size), backend
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         from ..ops.attention import block_sparse_attention, local_attention

@@ -35,7 +35,8 @@ from ..quant import (
     quantize,
     search_clip_ratio,
 )
-from ._walk import NameFilter, index_linears, name_predicate
+from ._walk import NameFilter, calibrate, index_linears, name_predicate, warn_if_nothing_selected
+from ._weight import DenseWeightMixin
 
 __all__ = ["Int8LayerReport", "Int8Linear", "QuantizeReport", "quantize_linears"]
 
@@ -52,7 +53,7 @@ def _tensor_bytes(t: Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(DenseWeightMixin, nn.Module):
     """``y = x · Wᵀ + bias`` with ``W = qweight · scales`` stored as int8 — a drop-in for an
     inference-time ``nn.Linear`` at about half the weight bytes of bfloat16.
 
@@ -62,14 +63,20 @@ class Int8Linear(nn.Module):
         group_size: None for one scale per output channel; 32, 64 or 128 for one scale per
             group of that many input features (must divide in_features).
         device: where the buffers and the bias live.
-        dtype: the activation dtype — float16, bfloat16 (default) or float32 — of the scales,
-            the bias, the inputs and the outputs.
+        dtype: the activation dtype — float16, bfloat16 or float32 — of the scales, the bias,
+            the inputs and the outputs. Default: torch's default dtype
+            (``torch.get_default_dtype()``, float32 unless changed), as for ``nn.Linear``.
 
     Attributes:
         qweight: int8 ``(out_features, in_features)`` buffer (zeros until loaded/quantized).
         scales: ``(out_features,)`` or ``(out_features, in_features // group_size)`` buffer
             in ``dtype`` (ones until loaded/quantized).
         bias: ``(out_features,)`` parameter, or None.
+        weight: the dense weight ``dequantize(qweight, scales)`` ``(out_features,
+            in_features)`` for code written for ``nn.Linear`` — a read-only view, not a
+            parameter or buffer (`lrkernels.nn._weight`): ``F.linear(x, layer.weight, b)``
+            runs the int8 kernel, other uses get the dequantized matrix (no gradient), probes
+            such as ``layer.weight.dtype`` cost nothing, and it is never in the state_dict.
         group_size: 0 (per channel) or 32 / 64 / 128.
         backend: passed to `lrkernels.int8_linear` (None = automatic choice). A plain
             attribute, not part of the state_dict.
@@ -80,6 +87,10 @@ class Int8Linear(nn.Module):
     (qweight stays int8): exact when widening (bfloat16 → float32); narrowing rounds the scales
     and voids the error bound of `lrkernels.quant.quantize` — to change the dtype, quantize the
     dense layer again with ``from_linear(..., dtype=...)``.
+
+    Loading a state_dict adopts the checkpoint's scale dtype: float32 scales loaded into a
+    bfloat16 module make it a float32 module (scales and bias), rather than rounding the scales
+    to bfloat16 silently (which would void the quantizer's error bound).
 
     Shapes: input ``(..., in_features)`` in the scales' dtype, output ``(..., out_features)``.
     """
@@ -99,7 +110,7 @@ class Int8Linear(nn.Module):
         bias: bool = True,
         group_size: int | None = None,
         device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.bfloat16,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
@@ -114,6 +125,13 @@ class Int8Linear(nn.Module):
         self.in_features = operator.index(in_features)
         self.out_features = operator.index(out_features)
         self.group_size = normalize_group_size(group_size, self.in_features)
+        if dtype is None:
+            dtype = torch.get_default_dtype()
+            if dtype not in SCALE_DTYPES:
+                raise ValueError(
+                    f"Int8Linear: the default dtype is {dtype}, which the int8 kernels do not "
+                    "compute in; pass dtype=torch.float16, torch.bfloat16 or torch.float32"
+                )
         dtype = _check_dtype(dtype)
         self.backend: str | None = None
         groups = self.in_features // self.group_size if self.group_size else None
@@ -134,15 +152,50 @@ class Int8Linear(nn.Module):
         return self.scales.dtype
 
     def forward(self, input: Tensor) -> Tensor:
+        return self._linear_with(input, self.bias)
+
+    # --- what `DenseWeightMixin` (the ``weight`` property) needs
+    def _linear_with(self, input: Tensor, bias: Tensor | None) -> Tensor:
         from ..ops.int8 import int8_linear
 
         return int8_linear(
             input,
             self.qweight,
             self.scales,
-            self.bias,
+            bias,
             group_size=self.group_size or None,
             backend=self.backend,
+        )
+
+    def _dense_weight(self) -> Tensor:
+        return dequantize(self.qweight, self.scales)
+
+    def _weight_meta(self) -> tuple[torch.dtype, torch.device, bool]:
+        return self.scales.dtype, self.qweight.device, False
+
+    def _weight_source(self) -> str:
+        return "int8 qweight and scales"
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # Adopt the checkpoint's activation dtype (that of its scales) instead of letting the
+        # copy round float32 scales to bfloat16: the bias follows, since the kernels take one
+        # dtype for x, scales and bias. The bias keeps its Parameter object (optimizers stay
+        # valid); only its data changes dtype.
+        scales = state_dict.get(prefix + "scales")
+        if isinstance(scales, Tensor) and scales.dtype != self.scales.dtype:
+            if scales.dtype not in SCALE_DTYPES:
+                error_msgs.append(
+                    f"{prefix}scales: dtype {scales.dtype} is not an activation dtype of "
+                    "Int8Linear (float16, bfloat16 or float32)"
+                )
+                return
+            self.scales = self.scales.to(scales.dtype)
+            if self.bias is not None:
+                self.bias.data = self.bias.data.to(scales.dtype)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
 
     def extra_repr(self) -> str:
@@ -394,10 +447,8 @@ def quantize_linears(
     Selected layers are left dense, and reported as skipped, when:
 
     - in_features is not divisible by ``group_size``;
-    - the layer belongs to an ``nn.MultiheadAttention`` (which reads ``out_proj.weight``
-      directly rather than calling the submodule);
-    - its weight is shared with another module (tied weights: a quantized copy would add
-      bytes, not save them);
+    - its weight is shared with another module (tied weights, e.g. an LM head tied to the
+      embedding: a quantized copy would add bytes, not save them, and break the tie);
     - its parameters are uninitialised (lazy modules);
     - ``dtype`` is None and the layer is float64 (no int8 kernel computes in float64; pass
       ``dtype`` to choose the activation dtype explicitly).
@@ -416,7 +467,11 @@ def quantize_linears(
     quantized without clipping (with a warning).
 
     A module registered under several names is replaced everywhere by one `Int8Linear`
-    (reported under its first name).
+    (reported under its first name). The ``out_proj`` of an ``nn.MultiheadAttention`` is
+    replaced too (MHA reads ``out_proj.weight``, which `Int8Linear.weight` provides; it is
+    computed dense there), but MHA never calls it, so it sees no calibration inputs (quantized
+    without clip search, with a warning). A filter that selects no layer warns. A calibration
+    error (e.g. a batch of the wrong width) is re-raised naming the batch and the layer.
 
     Returns:
         `QuantizeReport` with a row per selected layer and the model's byte totals.
@@ -435,7 +490,7 @@ def quantize_linears(
 
     index = index_linears(model)
     refs, first_name, linears = index.refs, index.first_name, index.linears
-    mha_owned, owners = index.mha_owned, index.owners
+    owners = index.owners
 
     report = QuantizeReport(
         bytes_before=_model_bytes(model),
@@ -462,8 +517,6 @@ def quantize_linears(
         report.layers.append(row)
         if lazy:
             row.skipped = "uninitialised (lazy) parameters"
-        elif key in mha_owned:
-            row.skipped = "owned by nn.MultiheadAttention (uses .weight directly)"
         elif owners.get(id(layer.weight), 0) > 1:
             row.skipped = "weight is shared with another module (tied)"
         elif min(in_f, out_f) < 1:
@@ -475,39 +528,24 @@ def quantize_linears(
         else:
             todo.append((layer, row, dtype or layer.weight.dtype))
 
+    warn_if_nothing_selected("quantize_linears", index, include, exclude, len(report.layers))
     grams: dict[int, GramAccumulator] = {}
     if calibration_batches is not None and todo:
-        handles = []
-
-        def make_hook(acc: GramAccumulator):
-            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                x = args[0] if args else kwargs.get("input")
-                if isinstance(x, Tensor):
-                    acc.update(x)
-
-            return hook
-
-        try:
-            for layer, _, _ in todo:
-                if id(layer) in grams:
-                    continue
-                acc = GramAccumulator(layer.in_features)
-                grams[id(layer)] = acc
-                handles.append(layer.register_forward_pre_hook(make_hook(acc), with_kwargs=True))
-            with torch.no_grad():
-                for batch in calibration_batches:
-                    forward_fn(model, batch)
-        finally:
-            for handle in handles:
-                handle.remove()
+        layers = [(layer, row.name) for layer, row, _ in todo]
+        grams = calibrate("quantize_linears", model, layers, calibration_batches, forward_fn)
 
     for layer, row, layer_dtype in todo:
         gram = None
         if report.calibrated:
             acc = grams[id(layer)]
             if acc.count == 0:
+                why = (
+                    " (nn.MultiheadAttention never calls it)"
+                    if id(layer) in index.mha_owned
+                    else ""
+                )
                 warnings.warn(
-                    f"quantize_linears: layer {row.name!r} saw no calibration inputs; "
+                    f"quantize_linears: layer {row.name!r} saw no calibration inputs{why}; "
                     "quantizing without clip search",
                     stacklevel=2,
                 )

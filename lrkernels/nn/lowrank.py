@@ -29,12 +29,13 @@ from ..factorize import (
     relative_output_error,
     select_rank,
 )
-from ._walk import NameFilter, index_linears, name_predicate
+from ._walk import NameFilter, calibrate, index_linears, name_predicate, warn_if_nothing_selected
+from ._weight import DenseWeightMixin
 
 __all__ = ["FactorizeReport", "LayerReport", "LowRankLinear", "factorize_linears"]
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(DenseWeightMixin, nn.Module):
     """``y = x · (U·V)ᵀ + bias`` — a drop-in for ``nn.Linear`` whose weight is the rank-``rank``
     product ``U @ V``, evaluated as ``(x · Vᵀ) · Uᵀ`` by `lrkernels.lowrank_linear`.
 
@@ -49,6 +50,11 @@ class LowRankLinear(nn.Module):
         U: ``(out_features, rank)`` parameter.
         V: ``(rank, in_features)`` parameter.
         bias: ``(out_features,)`` parameter, or None.
+        weight: the dense ``U @ V`` ``(out_features, in_features)`` for code written for
+            ``nn.Linear`` — a read-only view, not a parameter (`lrkernels.nn._weight`):
+            ``F.linear(x, layer.weight, b)`` runs the fused kernel, other uses get the
+            product (gradients flow to U and V), probes such as ``layer.weight.dtype`` cost
+            nothing, and it is never in the state_dict.
         backend: backend passed to `lrkernels.lowrank_linear` (None = automatic choice).
             A plain attribute, not part of the state_dict.
 
@@ -118,9 +124,22 @@ class LowRankLinear(nn.Module):
             init.uniform_(self.bias, -bound_v, bound_v)
 
     def forward(self, input: Tensor) -> Tensor:
+        return self._linear_with(input, self.bias)
+
+    # --- what `DenseWeightMixin` (the ``weight`` property) needs
+    def _linear_with(self, input: Tensor, bias: Tensor | None) -> Tensor:
         from ..ops.lowrank import lowrank_linear
 
-        return lowrank_linear(input, self.U, self.V, self.bias, backend=self.backend)
+        return lowrank_linear(input, self.U, self.V, bias, backend=self.backend)
+
+    def _dense_weight(self) -> Tensor:
+        return self.U @ self.V
+
+    def _weight_meta(self) -> tuple[torch.dtype, torch.device, bool]:
+        return self.U.dtype, self.U.device, self.U.requires_grad or self.V.requires_grad
+
+    def _weight_source(self) -> str:
+        return "factors U and V"
 
     def extra_repr(self) -> str:
         s = (
@@ -359,10 +378,8 @@ def factorize_linears(
     each is a callable ``name -> bool`` or a regular expression matched with ``re.search``.
     Selected layers are left dense, and reported as skipped, when:
 
-    - the layer belongs to an ``nn.MultiheadAttention`` (which reads ``out_proj.weight``
-      directly rather than calling the submodule);
-    - its weight is shared with another module (tied weights: factorising would add
-      parameters);
+    - its weight is shared with another module (tied weights, e.g. an LM head tied to the
+      embedding: factorising would add parameters and break the tie);
     - its parameters are uninitialised (lazy modules);
     - ``require_reduction`` and the chosen rank r does not reduce its parameter count, i.e.
       ``r·(in + out) ≥ in·out``. An integer ``rank`` above a layer's ``min(in, out)`` is
@@ -380,7 +397,11 @@ def factorize_linears(
     that saw no calibration rows falls back to plain SVD with a warning.
 
     A module registered under several names is replaced everywhere by one `LowRankLinear`
-    (reported under its first name). Exactly one of ``rank``, ``energy`` (on the whitened
+    (reported under its first name). The ``out_proj`` of an ``nn.MultiheadAttention`` is
+    replaced too (MHA reads ``out_proj.weight``, which `LowRankLinear.weight` provides), but
+    MHA never calls it, so it sees no calibration inputs: plain SVD, with a warning. A filter
+    that selects no layer warns. A calibration error (e.g. a batch of the wrong width) is
+    re-raised naming the batch and the layer. Exactly one of ``rank``, ``energy`` (on the whitened
     spectrum when calibrated), ``ratio`` (see `lrkernels.factorize.select_rank`).
 
     Returns:
@@ -396,7 +417,7 @@ def factorize_linears(
 
     index = index_linears(model)
     refs, first_name, linears = index.refs, index.first_name, index.linears
-    mha_owned, owners = index.mha_owned, index.owners
+    owners = index.owners
 
     report = FactorizeReport(params_before=_count_params(model))
     todo: list[tuple[nn.Linear, LayerReport, int | None]] = []  # (layer, row, rank or None)
@@ -421,9 +442,6 @@ def factorize_linears(
         if lazy:
             row.skipped = "uninitialised (lazy) parameters"
             continue
-        if key in mha_owned:
-            row.skipped = "owned by nn.MultiheadAttention (uses .weight directly)"
-            continue
         if owners.get(id(layer.weight), 0) > 1:
             row.skipped = "weight is shared with another module (tied)"
             continue
@@ -440,40 +458,28 @@ def factorize_linears(
                 continue
         todo.append((layer, row, layer_rank))
 
+    warn_if_nothing_selected("factorize_linears", index, include, exclude, len(report.layers))
     grams: dict[int, GramAccumulator] = {}
     report.calibrated = calibration_batches is not None
     if calibration_batches is not None and todo:
-        handles = []
-
-        def make_hook(acc: GramAccumulator):
-            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                x = args[0] if args else kwargs.get("input")
-                if isinstance(x, Tensor):
-                    acc.update(x)
-
-            return hook
-
-        try:
-            for layer, _, _ in todo:
-                if id(layer) in grams:
-                    continue
-                acc = GramAccumulator(layer.in_features, device=gram_device)
-                grams[id(layer)] = acc
-                handles.append(layer.register_forward_pre_hook(make_hook(acc), with_kwargs=True))
-            with torch.no_grad():
-                for batch in calibration_batches:
-                    forward_fn(model, batch)
-        finally:
-            for handle in handles:
-                handle.remove()
+        layers = [(layer, row.name) for layer, row, _ in todo]
+        grams = calibrate(
+            "factorize_linears", model, layers, calibration_batches, forward_fn,
+            gram_device=gram_device,
+        )  # fmt: skip
 
     for layer, row, layer_rank in todo:
         gram = None
         if report.calibrated:
             acc = grams[id(layer)]
             if acc.count == 0:
+                why = (
+                    " (nn.MultiheadAttention never calls it)"
+                    if id(layer) in index.mha_owned
+                    else ""
+                )
                 warnings.warn(
-                    f"factorize_linears: layer {row.name!r} saw no calibration inputs; "
+                    f"factorize_linears: layer {row.name!r} saw no calibration inputs{why}; "
                     "using plain truncated SVD",
                     stacklevel=2,
                 )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 
 import torch
 from torch import Tensor
@@ -28,6 +29,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from .. import _ext, backends, dispatch, masks
 from ..reference import block_sparse_attention_reference
+from . import compile_time_constant
 
 _OP = "block_sparse_attention"
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -71,6 +73,7 @@ def local_attention(
         ``(out, lse)``.
     """
     left, right = normalize_window(window, causal)
+    block_size = check_block_size(block_size)
     check_qkv(q, k, v)
     layout = _window_layout(q.shape[2], k.shape[2], left, right, block_size, q.device)
     return block_sparse_attention(
@@ -99,6 +102,8 @@ def block_sparse_attention(
     if chosen == "torch":
         out, lse = block_sparse_attention_reference(q, k, v, layout, scale)
     else:
+        if chosen == "triton":
+            _ensure_triton_ops()
         fwd = (
             torch.ops.lrkernels.block_sparse_attention_fwd_triton
             if chosen == "triton"
@@ -116,13 +121,14 @@ def block_sparse_attention(
 
 
 def normalize_window(window, causal: bool) -> tuple[int, int]:
-    """(left, right) as ints ≥ −1; causal=True sets right = 0."""
-    try:
-        left, right = (int(w) for w in window)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"attention: window must be a pair (left, right), got {window!r}"
-        ) from None
+    """(left, right) as ints ≥ −1; causal=True sets right = 0. Entries must be ints (or
+    one-element integer tensors): a float such as 4.9 or a bool is a TypeError, never rounded."""
+    if isinstance(window, str | bytes) or not hasattr(window, "__len__"):
+        raise TypeError(f"attention: window must be a pair (left, right) of ints, got {window!r}")
+    if len(window) != 2:
+        raise ValueError(f"attention: window must be a pair (left, right), got {window!r}")
+    left = masks.as_int(window[0], "attention: window left")
+    right = masks.as_int(window[1], "attention: window right")
     if left < -1 or right < -1:
         raise ValueError(f"attention: window entries must be >= -1 (-1: unbounded), got {window!r}")
     if causal:
@@ -132,6 +138,14 @@ def normalize_window(window, causal: bool) -> tuple[int, int]:
             )
         right = 0
     return left, right
+
+
+def check_block_size(block_size) -> int:
+    """``block_size`` as a positive int (TypeError for a non-int, ValueError below 1)."""
+    value = masks.as_int(block_size, "attention: block_size")
+    if value < 1:
+        raise ValueError(f"attention: block_size must be a positive int, got {block_size!r}")
+    return value
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -337,6 +351,13 @@ def _static_window_layout(sq, sk, left, right, block_size, device) -> masks.Bloc
 # ----------------------------------------------------------------------------- torch ops
 
 
+# The fakes return what every backend returns: contiguous tensors, whatever the strides of q, k
+# and v (the usual layout is ``.view(B, S, H, D).transpose(1, 2)``). The C++ CPU kernels compute
+# on contiguous float copies and return fresh tensors; the CUDA launchers and the Triton ops
+# allocate out/lse/dq/dk/dv with torch.empty of the logical shape. (``empty_like(q)`` would keep
+# q's transposed strides, and torch.compile then asserts on the real kernel's output.)
+
+
 def _fake_fwd(q, k, v, *layout_and_params):
     b, hq, sq, d = q.shape
     out = q.new_empty((b, hq, sq, d))
@@ -344,7 +365,7 @@ def _fake_fwd(q, k, v, *layout_and_params):
 
 
 def _fake_bwd(dout, q, k, v, *rest):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -425,7 +446,24 @@ if _ext.has_op("block_sparse_attention_fwd"):
         setup_context=_setup_context,
     )
 
-if backends._triton_status() is None:  # registered even without a GPU: the interpreter runs it
+_TRITON_LOCK = threading.Lock()
+_TRITON_OPS_REGISTERED = False
+
+
+@compile_time_constant  # torch.compile runs it eagerly, never traces it
+def _ensure_triton_ops() -> bool:
+    """Registers the ``lrkernels::block_sparse_attention_*_triton`` ops on first use of the
+    triton backend (importing triton and defining a `torch.library.triton_op`, which imports
+    torch._inductor, costs about a second that ``import lrkernels`` must not pay)."""
+    global _TRITON_OPS_REGISTERED
+    with _TRITON_LOCK:
+        if not _TRITON_OPS_REGISTERED:
+            _register_triton_ops()
+            _TRITON_OPS_REGISTERED = True
+    return True
+
+
+def _register_triton_ops() -> None:
     from ..triton_kernels.attention import (
         launch_block_sparse_attention_bwd,
         launch_block_sparse_attention_fwd,

@@ -17,12 +17,14 @@ never materialised), ``dbias = Σ dy``. The weight is frozen: qweight and scales
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 from torch import Tensor
 
 from .. import _ext, backends, dispatch
 from ..reference import int8_linear_reference
+from . import compile_time_constant
 
 _OP = "int8_linear"
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -64,6 +66,7 @@ def int8_linear(
     if chosen == "torch":
         return int8_linear_reference(x, qweight, scales, bias)
     if chosen == "triton":
+        _ensure_triton_ops()
         return torch.ops.lrkernels.int8_linear_triton(x, qweight, scales, bias)
     return torch.ops.lrkernels.int8_linear(x, qweight, scales, bias)
 
@@ -213,6 +216,11 @@ dispatch.register_op(
 # ----------------------------------------------------------------------------- torch ops
 
 
+# Fakes return contiguous outputs whatever the inputs' strides, as every backend does: the C++
+# CPU kernel reshapes a fresh 2-D product, the CUDA launcher and the Triton ops allocate the
+# final shape with torch.empty.
+
+
 def _fake_forward(x: Tensor, qweight: Tensor, scales: Tensor, bias: Tensor | None = None):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
@@ -264,7 +272,24 @@ if _ext.has_op(_OP):
         "lrkernels::int8_linear_grad_input", lambda *a: torch.ops.lrkernels.int8_linear(*a)
     )
 
-if backends._triton_status() is None:  # registered even without a GPU: the interpreter runs it
+_TRITON_LOCK = threading.Lock()
+_TRITON_OPS_REGISTERED = False
+
+
+@compile_time_constant  # torch.compile runs it eagerly, never traces it
+def _ensure_triton_ops() -> bool:
+    """Registers the ``lrkernels::int8_linear*_triton`` ops on first use of the triton backend
+    (importing triton and defining a `torch.library.triton_op` costs about a second, which
+    ``import lrkernels`` must not pay)."""
+    global _TRITON_OPS_REGISTERED
+    with _TRITON_LOCK:
+        if not _TRITON_OPS_REGISTERED:
+            _register_triton_ops()
+            _TRITON_OPS_REGISTERED = True
+    return True
+
+
+def _register_triton_ops() -> None:
     from ..triton_kernels.int8 import launch_int8_linear, launch_int8_linear_grad_input
 
     @torch.library.triton_op("lrkernels::int8_linear_triton", mutates_args=())

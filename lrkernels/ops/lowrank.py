@@ -8,8 +8,9 @@ Three torch ops compute it, one per compiled backend, and the reference covers t
   `lrkernels.triton_kernels.lowrank`;
 - the ``torch`` backend is `lrkernels.reference.lowrank_linear_reference` (two matmuls).
 
-Both ops get a fake implementation (shapes only, for torch.compile / meta tensors) and the
-same autograd formula, whose input gradient is itself a low-rank product through the same op:
+Both ops get a fake implementation (shapes and strides, for torch.compile / meta tensors: the
+output is contiguous, as every backend allocates it) and the same autograd formula, whose input
+gradient is itself a low-rank product through the same op:
 ``dx = dy · U · V = lowrank(dy, Vᵀ, Uᵀ)``; ``dU = dyᵀ · (x · Vᵀ)``, ``dV = (dy · U)ᵀ · x``
 and ``dbias = Σ dy`` are ordinary GEMMs/reductions left to torch.
 """
@@ -17,12 +18,14 @@ and ``dbias = Σ dy`` are ordinary GEMMs/reductions left to torch.
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 from torch import Tensor
 
 from .. import _ext, backends, dispatch
 from ..reference import lowrank_linear_reference
+from . import compile_time_constant
 
 _OP = "lowrank_linear"
 _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -67,6 +70,7 @@ def lowrank_linear(
     if chosen == "torch":
         return lowrank_linear_reference(x, U, V, bias)
     if chosen == "triton":
+        _ensure_triton_ops()
         return torch.ops.lrkernels.lowrank_linear_triton(x, U, V, bias)
     return torch.ops.lrkernels.lowrank_linear(x, U, V, bias)  # cuda or cpu, by x's device
 
@@ -174,6 +178,8 @@ dispatch.register_op(
 
 
 def _fake(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None = None) -> Tensor:
+    # Contiguous whatever x's strides: the C++ CPU kernel reshapes a fresh 2-D product, the CUDA
+    # launcher and the Triton op allocate (..., out) with torch.empty.
     return x.new_empty((*x.shape[:-1], U.shape[0]))
 
 
@@ -212,7 +218,24 @@ if _ext.has_op(_OP):
         setup_context=_setup_context,
     )
 
-if backends._triton_status() is None:  # registered even without a GPU: the interpreter runs it
+_TRITON_LOCK = threading.Lock()
+_TRITON_OPS_REGISTERED = False
+
+
+@compile_time_constant  # torch.compile runs it eagerly, never traces it
+def _ensure_triton_ops() -> bool:
+    """Registers ``lrkernels::lowrank_linear_triton`` on first use of the triton backend:
+    importing triton and defining a `torch.library.triton_op` (which imports torch._inductor)
+    costs about a second, which ``import lrkernels`` must not pay."""
+    global _TRITON_OPS_REGISTERED
+    with _TRITON_LOCK:
+        if not _TRITON_OPS_REGISTERED:
+            _register_triton_ops()
+            _TRITON_OPS_REGISTERED = True
+    return True
+
+
+def _register_triton_ops() -> None:
     from ..triton_kernels.lowrank import launch_lowrank_linear
 
     @torch.library.triton_op("lrkernels::lowrank_linear_triton", mutates_args=())
