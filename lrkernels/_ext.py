@@ -36,6 +36,9 @@ CPP_OPS = (
     "lowrank_linear",
     "int8_linear",
     "int8_linear_grad_input",
+    "int8_linear_packed",
+    "int8_linear_packed_grad_input",
+    "int8_dequantize_packed",
     "block_sparse_attention_fwd",
     "block_sparse_attention_bwd",
 )
