@@ -7,10 +7,24 @@ TORCH_LIBRARY(lrkernels, m) {
   // y = (x · Vᵀ) · Uᵀ + bias; x (..., in), V (rank, in), U (out, rank), bias (out,) -> (..., out)
   m.def("lowrank_linear(Tensor x, Tensor U, Tensor V, Tensor? bias=None) -> Tensor");
   // y = x · dequant(qweight, scales)ᵀ + bias; x (..., K), qweight int8 (N, K),
-  // scales (N,) per output channel or (N, K / group) per group, in x's dtype -> (..., N)
-  m.def("int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias=None) -> Tensor");
+  // scales (N,) per output channel or (N, K / group) per group, in x's dtype -> (..., N).
+  // path (CUDA only; the int8 ops all take it): 0 or 1 the fused tensor-core kernel, 2
+  // dequantize + cuBLAS (lrkernels/ops/int8.py chooses).
+  m.def(
+      "int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias=None, int path=0) -> "
+      "Tensor");
   // dx = dy · dequant(qweight, scales): the input gradient of int8_linear, dy (..., N) -> (..., K)
-  m.def("int8_linear_grad_input(Tensor dy, Tensor qweight, Tensor scales) -> Tensor");
+  m.def("int8_linear_grad_input(Tensor dy, Tensor qweight, Tensor scales, int path=0) -> Tensor");
+  // The same two products on the packed weight (layout 2, lrkernels/quant.py): qweight int8
+  // (ceil(N / 32), K / 16, 512), scales (N,) or (N, K / group) -> (..., N) / (..., K)
+  m.def(
+      "int8_linear_packed(Tensor x, Tensor qweight, Tensor scales, Tensor? bias=None, "
+      "int path=0) -> Tensor");
+  m.def(
+      "int8_linear_packed_grad_input(Tensor dy, Tensor qweight, Tensor scales, int path=0) -> "
+      "Tensor");
+  // W (N, K) = q · s from the packed weight, in the scales' dtype (q · s in float32, one rounding)
+  m.def("int8_dequantize_packed(Tensor qweight, Tensor scales) -> Tensor");
   // Block-sparse softmax attention with a window mask on partial blocks (docs/attention.md):
   // q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) -> out (B, Hq, Sq, D), lse (B, Hq, Sq) float32
   m.def(

@@ -1,7 +1,7 @@
 """Weight-only symmetric int8 quantization (W8A16) for `lrkernels.int8_linear`.
 
-Format (layout version 1)
--------------------------
+Format (layout version 1: portable)
+-----------------------------------
 - ``qweight``: int8 ``(N, K)`` = (out_features, in_features), plain row-major, values in
   ``−127…127`` (−128 is never produced, so the grid is symmetric and ``−q`` is always valid).
 - ``scales``: ``(N,)`` per output channel, or ``(N, K // G)`` per group of ``G ∈ {32, 64, 128}``
@@ -9,9 +9,44 @@ Format (layout version 1)
 - Meaning: ``W[n, k] ≈ q[n, k] · s[n]`` or ``W[n, k] ≈ q[n, k] · s[n, k // G]``; the group
   size is implied by the scales' shape (`group_size_of`).
 
-The portable form *is* the kernel form: the kernels read exactly this ``(N, K)`` int8 layout,
-there is no packing or reordering step. A state_dict holding ``qweight`` and ``scales`` is
-therefore portable as is (across devices, backends and file formats such as safetensors).
+This is the exchange format: a ``state_dict`` holds exactly these tensors (``Int8Linear`` saves
+layout 1 whatever it runs on), portable across devices, backends and file formats such as
+safetensors.
+
+Format (layout version 2: packed for the tensor-core kernels)
+-------------------------------------------------------------
+Produced once by `pack` (``quantize(..., layout=2)``, ``Int8Linear.from_linear``, or an
+``Int8Linear`` moved to CUDA); `unpack` inverts it exactly. It needs ``K % 16 == 0``. The packed
+tensor carries its layout: it is the only 3-D int8 weight (`layout_of`).
+
+- ``qweight``: int8 ``(ceil(N / 32), K / 16, 512)``. The weight is cut into *units* of 32 output
+  rows x 16 input columns (rows past N are zero padding); unit ``(nb, kb)`` holds
+  ``q[32 nb : 32 nb + 32, 16 kb : 16 kb + 16]`` as 32 *records* of 16 bytes, one per lane of a
+  warp. Record ``L = 4 g + t`` (``g = L // 4 ∈ 0..7``, ``t = L % 4``) is four 4-byte words
+  ``j = 0..3``, word ``j`` holding row ``32 nb + 8 j + g`` at columns
+  ``16 kb + (2t, 2t + 1, 2t + 8, 2t + 9)`` (byte ``b`` of the word: column
+  ``16 kb + 2t + (b & 1) + 8 (b >> 1)``)::
+
+      packed[nb, kb, 16 L + 4 j + b] = q[32 nb + 8 j + g, 16 kb + 2 t + (b & 1) + 8 (b >> 1)]
+
+- ``scales``: the same values and shape as in layout 1. Group scales are stored *column-major*
+  (strides ``(1, N)``, i.e. group-major: the N scales of one group are contiguous) — the order
+  the kernels stream them in; any other strides are accepted and only cost a copy per call.
+
+Why this order: ``mma.sync.m16n8k16`` takes its B operand (``k x n``, 16 x 8) as two 32-bit
+registers per lane, lane ``(g, t)`` holding rows ``2t, 2t + 1`` and ``2t + 8, 2t + 9`` of column
+``g``. Word ``j`` of record ``L`` is exactly the 4 weights lane ``L`` needs for the n8 tile
+``j`` of a unit, in register order; a lane reads its whole record (4 n8 tiles) with one 16-byte
+load and turns each word into the two 16-bit registers by byte permutes (no conversion
+instruction). Units are stored row of units by row of units (``kb`` fastest), so the tile of 32
+rows x 64 columns a pipeline stage streams is one contiguous 2 KiB run (the transposed product
+reads 64 rows x 128 columns as two 4 KiB runs). The input-gradient kernel reads the same records:
+the 4 rows x 1 column a lane needs there sit in the records of lanes ``2t`` and ``2t + 1`` of the
+forward (see csrc/cuda/int8_mma.cuh).
+
+How to unpack: ``packed.view(NB, KB, 8, 4, 4, 2, 2)`` has dims (nb, kb, g, t, j, b1, b0) with
+``b = 2 b1 + b0``; permuting them to (nb, j, g, kb, b1, t, b0) and reshaping to ``(32 NB, K)``
+gives the padded ``q`` (`unpack`).
 
 Scale dtype
 -----------
@@ -70,18 +105,29 @@ __all__ = [
     "DEFAULT_CLIP_GRID",
     "GROUP_SIZES",
     "LAYOUT_VERSION",
+    "PACKED_LAYOUT_VERSION",
     "QMAX",
     "SCALE_DTYPES",
+    "can_pack",
     "dequantize",
     "group_size_of",
+    "layout_of",
     "normalize_group_size",
+    "pack",
+    "packed_shape",
     "quantization_error",
     "quantize",
     "search_clip_ratio",
+    "unpack",
+    "weight_shape",
 ]
 
-#: Version of the (qweight, scales) layout described in the module docstring.
+#: Version of the portable (qweight, scales) layout described in the module docstring.
 LAYOUT_VERSION = 1
+#: Version of the packed layout `pack` produces (module docstring, "layout version 2").
+PACKED_LAYOUT_VERSION = 2
+#: Rows x columns of q per packed unit, and bytes per unit.
+PACK_ROWS, PACK_COLS, PACK_UNIT_BYTES = 32, 16, 512
 #: Largest quantized magnitude: the grid is symmetric, −127…127.
 QMAX = 127
 #: Supported group sizes (input features per scale) for group-wise scales.
@@ -186,31 +232,63 @@ def _clip_ratio_tensor(clip_ratio, n: int, device: torch.device) -> Tensor:
     return torch.full((n, 1), float(clip_ratio), dtype=torch.float64, device=device)
 
 
-def _check_qweight(qweight) -> None:
+def _check_qweight(qweight) -> int:
+    """Type and rank checks; returns the layout version (1 or 2)."""
     if not isinstance(qweight, Tensor):
         raise TypeError(f"qweight must be a torch.Tensor, got {type(qweight).__name__}")
     if qweight.dtype != torch.int8:
         raise TypeError(f"qweight must be int8, got {qweight.dtype}")
+    if qweight.dim() == 3 and qweight.shape[2] == PACK_UNIT_BYTES:
+        return PACKED_LAYOUT_VERSION
     if qweight.dim() != 2:
         raise ValueError(
-            f"qweight must be 2-D (out_features, in_features), got shape {tuple(qweight.shape)}"
+            "qweight must be 2-D (out_features, in_features) or packed (layout 2: "
+            f"(ceil(out / 32), in / 16, 512)), got shape {tuple(qweight.shape)}"
         )
+    return LAYOUT_VERSION
+
+
+def layout_of(qweight: Tensor) -> int:
+    """1 for a plain ``(N, K)`` int8 weight, 2 for a packed one (`pack`); TypeError/ValueError
+    for anything else."""
+    return _check_qweight(qweight)
+
+
+def weight_shape(qweight: Tensor, scales: Tensor) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a quantized weight in either layout (a packed weight
+    takes N from the scales). Raises like `group_size_of`."""
+    if _check_qweight(qweight) == LAYOUT_VERSION:
+        return tuple(qweight.shape)
+    if not isinstance(scales, Tensor):
+        raise TypeError(f"scales must be a torch.Tensor, got {type(scales).__name__}")
+    if scales.dim() not in (1, 2) or scales.shape[0] < 1:
+        raise ValueError(
+            f"scales must have shape (N,) or (N, K // group_size), got {tuple(scales.shape)}"
+        )
+    n, k = scales.shape[0], PACK_COLS * qweight.shape[1]
+    if -(-n // PACK_ROWS) != qweight.shape[0] or k < 1:
+        raise ValueError(
+            f"packed qweight of shape {tuple(qweight.shape)} holds ceil(N / 32) = "
+            f"{qweight.shape[0]} row units and K = {k}; scales of shape "
+            f"{tuple(scales.shape)} give N = {n}"
+        )
+    return n, k
 
 
 def group_size_of(qweight: Tensor, scales: Tensor) -> int:
     """The group size implied by the scales' shape: 0 for per-channel scales ``(N,)``; ``G``
-    for ``(N, K // G)`` with ``G ∈ {32, 64, 128}`` dividing ``K``.
+    for ``(N, K // G)`` with ``G ∈ {32, 64, 128}`` dividing ``K``. Either layout of qweight.
 
     Raises:
         TypeError: qweight not an int8 tensor, scales not a floating-point tensor.
-        ValueError: qweight not 2-D, or scales of any other shape.
+        ValueError: qweight neither 2-D nor packed, or scales of any other shape.
     """
     _check_qweight(qweight)
     if not isinstance(scales, Tensor):
         raise TypeError(f"scales must be a torch.Tensor, got {type(scales).__name__}")
     if not scales.is_floating_point():
         raise TypeError(f"scales must be a floating-point tensor, got {scales.dtype}")
-    n, k = qweight.shape
+    n, k = weight_shape(qweight, scales)
     if scales.dim() == 1:
         if scales.shape[0] != n:
             raise ValueError(
@@ -284,6 +362,7 @@ def quantize(
     *,
     scale_dtype: torch.dtype | None = None,
     clip_ratio: float | Tensor = 1.0,
+    layout: int = LAYOUT_VERSION,
 ) -> tuple[Tensor, Tensor]:
     """Symmetric round-to-nearest int8 quantization of ``weight`` (N, K) with absmax scales.
 
@@ -298,10 +377,13 @@ def quantize(
         clip_ratio: in ``(0, 1]``: the scale maps ``clip_ratio · max|w|`` to 127; larger
             elements are clipped. A number, or a tensor ``(N,)`` of per-channel ratios
             (e.g. from `search_clip_ratio`).
+        layout: 1 (default, portable ``(N, K)``) or 2 (packed for the kernels, `pack`; needs
+            ``K % 16 == 0``).
 
     Returns:
         ``(qweight, scales)``: int8 ``(N, K)`` in ``−127…127`` and scales ``(N,)`` or
-        ``(N, K // group_size)`` in ``scale_dtype``, both contiguous on the weight's device.
+        ``(N, K // group_size)`` in ``scale_dtype``, both contiguous on the weight's device
+        (with ``layout=2``: as `pack` returns them).
 
     Raises:
         TypeError: non-tensor or non-floating weight, bad clip_ratio type.
@@ -313,6 +395,10 @@ def quantize(
     n, k = weight.shape
     group = normalize_group_size(group_size, k)
     sdt = _resolve_scale_dtype(scale_dtype, weight.dtype)
+    if layout not in (LAYOUT_VERSION, PACKED_LAYOUT_VERSION):
+        raise ValueError(f"layout must be 1 or 2, got {layout!r}")
+    if layout == PACKED_LAYOUT_VERSION and not can_pack(k):
+        raise ValueError(f"layout 2 needs in_features % {PACK_COLS} == 0, got {k}")
     device = _compute_device(weight.device)
     ratio = _clip_ratio_tensor(clip_ratio, n, device)
     qweight = torch.empty((n, k), dtype=torch.int8, device=weight.device)
@@ -325,7 +411,10 @@ def quantize(
         q, s = _quantize_block(w, ratio[rows], group, sdt)
         qweight[rows] = q.to(torch.int8)
         scales[rows] = s
-    return qweight, (scales if group else scales.view(n))
+    scales = scales if group else scales.view(n)
+    if layout == PACKED_LAYOUT_VERSION:
+        return pack(qweight, scales)
+    return qweight, scales
 
 
 def dequantize(
@@ -335,6 +424,7 @@ def dequantize(
     dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``W = q · s`` (N, K) from int8 ``qweight`` (N, K) and ``scales`` (N,) or (N, K // G).
+    qweight may be packed (layout 2, `pack`): it is unpacked first.
 
     The group size is inferred from the scales' shape (`group_size_of`); ``group_size``, if
     given (None/0 = per channel), must agree. The product is formed in float32 (float64 when
@@ -360,6 +450,8 @@ def dequantize(
             f"scales must be on qweight's device ({qweight.device}), got {scales.device}"
         )
     acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if _check_qweight(qweight) == PACKED_LAYOUT_VERSION:
+        qweight = unpack_qweight(qweight, scales.shape[0])
     n, k = qweight.shape
     s = scales.to(acc)
     if group == 0:
@@ -367,6 +459,77 @@ def dequantize(
     else:
         w = (qweight.to(acc).view(n, k // group, group) * s.unsqueeze(-1)).view(n, k)
     return w.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Layout 2: packing for the tensor-core kernels (module docstring)
+# --------------------------------------------------------------------------------------------
+
+
+def can_pack(in_features: int) -> bool:
+    """Whether a weight with this many input features has a layout-2 form (``K % 16 == 0``)."""
+    return in_features >= PACK_COLS and in_features % PACK_COLS == 0
+
+
+def packed_shape(out_features: int, in_features: int) -> tuple[int, int, int]:
+    """Shape of the packed qweight of an ``(out_features, in_features)`` weight."""
+    if not can_pack(in_features):
+        raise ValueError(f"layout 2 needs in_features % {PACK_COLS} == 0, got {in_features}")
+    return (-(-out_features // PACK_ROWS), in_features // PACK_COLS, PACK_UNIT_BYTES)
+
+
+def pack_qweight(qweight: Tensor) -> Tensor:
+    """The packed (layout 2) form of an int8 ``(N, K)`` weight, ``K % 16 == 0`` (a new
+    contiguous tensor on the same device; rows past N are zero)."""
+    if _check_qweight(qweight) != LAYOUT_VERSION:
+        raise ValueError("qweight is already packed (layout 2)")
+    n, k = qweight.shape
+    nb, kb, _ = packed_shape(n, k)
+    q = qweight
+    if nb * PACK_ROWS != n:
+        q = torch.cat([q, q.new_zeros(nb * PACK_ROWS - n, k)])
+    # (nb, j, g, kb, b1, t, b0) -> (nb, kb, g, t, j, b1, b0); see the module docstring.
+    q = q.reshape(nb, 4, 8, kb, 2, 4, 2).permute(0, 3, 2, 5, 1, 4, 6)
+    return q.reshape(nb, kb, PACK_UNIT_BYTES).contiguous()
+
+
+def unpack_qweight(packed: Tensor, out_features: int) -> Tensor:
+    """The plain int8 ``(out_features, K)`` weight of a packed one (`pack_qweight` inverted)."""
+    if _check_qweight(packed) != PACKED_LAYOUT_VERSION:
+        raise ValueError(f"qweight must be packed (layout 2), got shape {tuple(packed.shape)}")
+    nb, kb, _ = packed.shape
+    if not 0 < out_features <= nb * PACK_ROWS or -(-out_features // PACK_ROWS) != nb:
+        raise ValueError(
+            f"out_features={out_features} does not match a packed weight of {nb} row units"
+        )
+    q = packed.reshape(nb, kb, 8, 4, 4, 2, 2).permute(0, 4, 2, 1, 5, 3, 6)
+    return q.reshape(nb * PACK_ROWS, kb * PACK_COLS)[:out_features].contiguous()
+
+
+def _group_major(scales: Tensor) -> Tensor:
+    """Group scales (N, G') with strides (1, N): the values unchanged, group-major storage."""
+    if scales.dim() == 2 and scales.stride(0) != 1:
+        return scales.t().contiguous().t()
+    return scales
+
+
+def pack(qweight: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+    """Layout 1 -> layout 2: ``(packed qweight, scales)`` (module docstring). The scales keep
+    their values and shape; group scales become column-major (group-major storage).
+    A packed input is returned as is (scales made group-major)."""
+    group_size_of(qweight, scales)  # validates the pair
+    if _check_qweight(qweight) == LAYOUT_VERSION:
+        qweight = pack_qweight(qweight)
+    return qweight, _group_major(scales)
+
+
+def unpack(qweight: Tensor, scales: Tensor) -> tuple[Tensor, Tensor]:
+    """Layout 2 -> layout 1: ``(qweight (N, K), contiguous scales)``; a layout-1 input is
+    returned with contiguous tensors."""
+    group_size_of(qweight, scales)
+    if _check_qweight(qweight) == PACKED_LAYOUT_VERSION:
+        qweight = unpack_qweight(qweight, scales.shape[0])
+    return qweight.contiguous(), scales.contiguous()
 
 
 # --------------------------------------------------------------------------------------------

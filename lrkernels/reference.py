@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .quant import unpack_qweight
+
 
 def lowrank_linear_reference(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None = None) -> Tensor:
     """y = (x · Vᵀ) · Uᵀ + bias as torch's two matmuls in x's dtype.
@@ -36,7 +38,11 @@ def relative_error(out: Tensor, ref: Tensor) -> float:
 
 
 def dequantize_reference(qweight: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
-    """W (N, K) = q · s in `dtype`, from int8 q (N, K) and scales (N,) or (N, K // G)."""
+    """W (N, K) = q · s in `dtype`, from int8 q (N, K) (or packed, layout 2: unpacked first,
+    `lrkernels.quant`) and scales (N,) or (N, K // G). q · s is formed in float32 (float64 for
+    float64) and rounded once."""
+    if qweight.dim() == 3:
+        qweight = unpack_qweight(qweight, scales.shape[0])
     n, k = qweight.shape
     s = scales.to(torch.float32 if dtype != torch.float64 else dtype)
     s = s.unsqueeze(1) if scales.dim() == 1 else s.repeat_interleave(k // scales.shape[1], dim=1)

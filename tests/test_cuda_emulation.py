@@ -196,122 +196,134 @@ def test_lowrank_tsan():
 
 # ---------------------------------------------------------------------------------------- int8
 
-INT8_GROUPS = [(0, 45), (0, 129), (32, 96), (64, 192), (128, 256)]  # (group, K): odd K per channel
+# The tensor-core family (int8_mma_*.cu: forward and input gradient on the packed weight, every
+# M; tiles of 16 / 64 rows) and the dequantize kernel (int8_dequant.cu). Shapes: odd N
+# (the input gradient needs N % 8 == 0, which the torch launcher provides by padding dy), K an
+# odd multiple of 16 (several 64-wide steps plus a partial one), every group size, M in
+# {1, 2, 15, 16, 17, 64, 300}; sms=1 (no split) or splits=N (forced split-K; det=1: a second
+# launch in another block order must give the same bits); ypad / pad: padded rows of
+# y / a (padding must stay unwritten); mis: bases off 16-byte alignment where the API allows it.
+INT8_MS = [1, 2, 15, 16, 17, 64, 300]
+INT8_SHAPES = {  # group -> [(N, K)] for (fwd, tr)
+    0: [(37, 48), (40, 208)],
+    32: [(70, 96), (72, 160)],
+    64: [(33, 192), (40, 320)],
+    128: [(100, 256), (136, 384)],
+}
 
 
-def int8_paths() -> set[str]:
-    kernels = emu_build.available_kernels("int8")
-    return {p for p, k in (("gemv", "int8_gemv.cu"), ("tc", "int8_gemm_tc.cu")) if k in kernels}
-
-
-def int8_fixed(paths: set[str]) -> list[str]:
+def int8_fixed() -> list[str]:
     cases = []
-    if "gemv" in paths:  # every dtype; M = 1, 2, 5 (row-chunk templates), 16, 17, 37 (chunks)
-        ms = cycle([1, 16, 17, 37, 2, 5])
-        for d in ("f32", "f16", "bf16"):
-            for direction in ("fwd", "tr"):
-                for (g, k), n in zip(INT8_GROUPS, cycle([37, 70, 33])):
-                    cases.append(
-                        f"path=gemv dtype={d} dir={direction} M={next(ms)} N={n} K={k} group={g}"
-                    )
-        cases += [  # splits of the reduction, scalar int8 loads, misaligned everything
-            "path=gemv dtype=f16 dir=fwd M=1 N=64 K=4096 group=128",
-            "path=gemv dtype=bf16 dir=fwd M=3 N=40 K=4099",
-            "path=gemv dtype=f16 dir=tr M=1 N=700 K=64 group=32",
-            "path=gemv dtype=f32 dir=tr M=2 N=300 K=45 sms=8",
-            "path=gemv dtype=f16 dir=fwd M=5 N=37 K=256 group=64 mis=q",
-            "path=gemv dtype=bf16 dir=tr M=9 N=37 K=256 group=32 mis=aqsby",
-            "path=gemv dtype=bf16 dir=fwd M=16 N=64 K=4096 group=64 sms=1",  # 8 k tiles
-            "path=gemv dtype=f16 dir=tr M=16 N=1100 K=512 group=128 sms=1",  # 3 row tiles
-            "path=gemv dtype=f16 dir=fwd M=0 N=8 K=32",
-        ]
-    if "tc" in paths:  # 16-bit dtypes; 64- and 128-row tiles, several tiles, scalar paths
-        ms = cycle([1, 16, 17, 37])
-        for d in ("f16", "bf16"):
-            for direction in ("fwd", "tr"):
-                for (g, k), n in zip(INT8_GROUPS, cycle([37, 70, 136])):
-                    cases.append(
-                        f"path=tc dtype={d} dir={direction} M={next(ms)} N={n} K={k} group={g}"
-                    )
-        cases += [
-            "path=tc dtype=f16 dir=fwd M=130 N=200 K=96 group=32 sms=1",
-            "path=tc dtype=bf16 dir=tr M=130 N=96 K=200 sms=1",
-            "path=tc dtype=f16 dir=fwd M=40 N=64 K=128 group=64 mis=aqsby",
-            "path=tc dtype=bf16 dir=tr M=20 N=45 K=64 mis=aqsy",
-            "path=tc dtype=f16 dir=fwd M=0 N=8 K=32",
-            "path=tc dtype=f32 dir=fwd M=20 N=8 K=32 expect=invalid",
-        ]
-    real = [  # rounded inputs (tolerance instead of exact match)
-        ("gemv", "dtype=f32 dir=fwd M=3 N=40 K=4099"),
-        ("gemv", "dtype=bf16 dir=tr M=16 N=300 K=128 group=64"),
-        ("tc", "dtype=f16 dir=fwd M=37 N=70 K=256 group=128"),
-        ("tc", "dtype=bf16 dir=tr M=40 N=96 K=45"),
+    ms = cycle(INT8_MS)
+    for d in ("f16", "bf16"):
+        for direction, which in (("fwd", 0), ("tr", 1)):
+            for g, shapes in INT8_SHAPES.items():
+                n, k = shapes[which]
+                cases.append(f"op=mma dtype={d} dir={direction} M={next(ms)} N={n} K={k} group={g}")
+    cases += [  # several row tiles, forced / heuristic split-K, padded and misaligned operands
+        "op=mma dtype=f16 dir=fwd M=130 N=200 K=96 group=32 sms=1",
+        "op=mma dtype=bf16 dir=tr M=130 N=96 K=208 sms=1",
+        "op=mma dtype=bf16 dir=fwd M=17 N=33 K=2048 group=32 splits=7 det=1",
+        "op=mma dtype=f16 dir=tr M=64 N=128 K=48 splits=2 det=1",
+        "op=mma dtype=f16 dir=fwd M=3 N=40 K=1024 splits=5 det=1",
+        "op=mma dtype=bf16 dir=tr M=300 N=64 K=112 group=0 pad=8 ypad=2",
+        "op=mma dtype=f16 dir=fwd M=1 N=64 K=4096 group=128",  # heuristic split (32)
+        "op=mma dtype=f16 dir=fwd M=2 N=33 K=64 group=64 mis=by ypad=3",
+        "op=mma dtype=bf16 dir=fwd M=15 N=33 K=64 group=0 mis=sby ypad=1",
+        "op=mma dtype=bf16 dir=fwd M=16 N=1 K=16",
+        "op=mma dtype=f16 dir=fwd M=0 N=8 K=32",
     ]
-    cases += [f"path={p} {c} dist=real" for p, c in real if p in paths]
-    invalid = [
-        "dtype=f16 dir=fwd M=2 N=8 K=96 group=48 expect=invalid",
-        "dtype=f16 dir=tr M=2 N=8 K=96 bias=1 expect=invalid",
+    real = [  # rounded inputs: tolerance instead of exact match
+        "op=mma dtype=f16 dir=fwd M=37 N=70 K=256 group=128",
+        "op=mma dtype=bf16 dir=tr M=40 N=96 K=48",
+        "op=mma dtype=bf16 dir=fwd M=1 N=64 K=4096",
+        "op=mma dtype=f16 dir=tr M=17 N=256 K=64 group=32 splits=3",
     ]
-    cases += [f"path={p} {c}" for p in sorted(paths) for c in invalid]
+    cases += [c + " dist=real" for c in real]
+    cases += [  # every dtype of the dequantize kernel, both scale storages
+        f"op=dequant dtype={d} N=37 K={k} group={g} smajor={m}"
+        for d, (g, k), m in zip(
+            ("f32", "f16", "bf16", "f16"),
+            ((0, 48), (32, 96), (64, 192), (128, 256)),
+            "ngng",
+            strict=True,
+        )
+    ]
+    cases += [c + " expect=invalid" for c in INT8_INVALID]
     return [c if "dist=" in c else c + " dist=int" for c in cases]
 
 
-def int8_sweep(paths: set[str], rng: random.Random, n: int) -> list[str]:
+INT8_INVALID = [
+    "op=mma dtype=f16 dir=fwd M=2 N=8 K=32 mis=a",  # activations off 16-byte alignment
+    "op=mma dtype=f16 dir=fwd M=2 N=8 K=32 mis=q",
+    "op=mma dtype=f16 dir=fwd M=2 N=8 K=64 group=32 mis=s",  # staged scales misaligned
+    "op=mma dtype=f16 dir=tr M=2 N=16 K=32 mis=s",
+    "op=mma dtype=f16 dir=fwd M=2 N=8 K=40",  # K % 16 != 0
+    "op=mma dtype=f16 dir=fwd M=2 N=8 K=32 pad=3",  # lda % 8 != 0
+    "op=mma dtype=f16 dir=tr M=2 N=12 K=32",  # R = N % 8 != 0
+    "op=mma dtype=f16 dir=tr M=2 N=16 K=32 bias=1",
+    "op=mma dtype=f16 dir=fwd M=2 N=8 K=96 group=48",
+    "op=dequant dtype=bf16 N=64 K=32 mis=q",
+]
+
+
+def int8_sweep(rng: random.Random, n: int) -> list[str]:
     cases = []
-    for _ in range(n):
-        path = rng.choice(sorted(paths))
+    for i in range(n):
+        if i % 6 == 5:
+            g = rng.choice([0, 32, 64, 128])
+            k = max(16, (g or 16) * rng.choice([1, 2, 3]))
+            d = rng.choice(["f32", "f16", "bf16"])
+            cases.append(
+                f"op=dequant dtype={d} N={rng.choice([1, 31, 33, 100])} K={k} group={g} "
+                f"smajor={rng.choice('ng')} seed={rng.randrange(2**31)} dist=real"
+            )
+            continue
+        tr = rng.random() < 0.5
         g = rng.choice([0, 0, 32, 64, 128])
-        kdim = rng.choice([1, 15, 45, 129, 300]) if g == 0 else g * rng.choice([1, 2, 3, 5])
+        k = 16 * rng.choice([1, 3, 5, 9, 17]) if g == 0 else g * rng.choice([1, 2, 3, 5])
+        n_out = rng.choice([8, 24, 40, 64, 136]) if tr else rng.choice([1, 7, 33, 64, 100, 257])
         case = {
-            "path": path,
-            "dtype": rng.choice(["f16", "bf16"] if path == "tc" else ["f32", "f16", "bf16"]),
-            "dir": rng.choice(["fwd", "tr"]),
-            "M": rng.choice(
-                [1, 2, 3, 8, 16, 17, 37] if path == "gemv" else [1, 16, 17, 37, 64, 70]
-            ),
-            "N": rng.choice([1, 7, 33, 64, 100, 257]),
-            "K": kdim,
+            "op": "mma",
+            "dtype": rng.choice(["f16", "bf16"]),
+            "dir": "tr" if tr else "fwd",
+            "M": rng.choice(INT8_MS + [3, 37, 70]),
+            "N": n_out,
+            "K": k,
             "group": g,
+            "bias": 0 if tr else rng.randrange(2),
             "sms": rng.choice([1, 3, 132]),
-            "mis": rng.choice(["-", "-", "aqsby", "q", "y"]),
+            "splits": rng.choice([0, 0, 0, 2, 3]),
+            "ypad": rng.choice([0, 0, 1, 8]),
+            "mis": rng.choice(["-", "-", "by", "y", "b"]),
             "dist": rng.choice(["int", "real"]),
             "seed": rng.randrange(2**31),
         }
-        case["bias"] = rng.randrange(2) if case["dir"] == "fwd" else 0
         cases.append(" ".join(f"{k}={v}" for k, v in case.items()))
     return cases
 
 
+# Small shapes that still reach every barrier-separated phase: several pipeline stages (more
+# steps than stages), the split-K partials / counter / reduction, both directions and tiles.
 INT8_TSAN = [
-    "path=gemv dtype=f16 dir=fwd M=3 N=40 K=1120 group=32",
-    "path=gemv dtype=bf16 dir=fwd M=17 N=33 K=45 mis=aqsby",
-    "path=gemv dtype=f32 dir=tr M=5 N=300 K=64 group=64 sms=4",
-    "path=gemv dtype=f16 dir=tr M=16 N=40 K=45",
-    "path=tc dtype=f16 dir=fwd M=20 N=40 K=96 group=32",
-    "path=tc dtype=bf16 dir=tr M=17 N=45 K=40 mis=aqsy",
+    "op=mma dtype=f16 dir=fwd M=3 N=40 K=400 group=32 splits=2",
+    "op=mma dtype=bf16 dir=fwd M=17 N=33 K=336 sms=1",
+    "op=mma dtype=bf16 dir=tr M=5 N=320 K=64 group=64 splits=3",
+    "op=mma dtype=f16 dir=tr M=20 N=40 K=48",
+    "op=dequant dtype=bf16 N=33 K=96 group=32",
 ]
 
 
 def test_int8_asan_fixed():
-    paths = int8_paths()
-    if not paths:
-        pytest.skip("no int8 kernel sources")
-    run_cases(binary("int8", "asan"), int8_fixed(paths))
+    run_cases(binary("int8", "asan"), int8_fixed())
 
 
 def test_int8_asan_sweep():
-    paths = int8_paths()
-    if not paths:
-        pytest.skip("no int8 kernel sources")
-    run_cases(binary("int8", "asan"), int8_sweep(paths, random.Random(random.randrange(2**31)), 24))
+    run_cases(binary("int8", "asan"), int8_sweep(random.Random(random.randrange(2**31)), 24))
 
 
 def test_int8_tsan():
-    paths = int8_paths()
-    cases = [c + " dist=int" for c in INT8_TSAN if c.split()[0][len("path=") :] in paths]
-    if not cases:
-        pytest.skip("no int8 kernel sources")
-    run_cases(binary("int8", "tsan"), cases)
+    run_cases(binary("int8", "tsan"), [c + " dist=int" for c in INT8_TSAN])
 
 
 # ----------------------------------------------------------- shared primitives (common/ptx.cuh)

@@ -8,10 +8,13 @@ import torch
 from conftest import HAS_CUDA, assert_matches, device_for, skip_unless_runs
 
 import lrkernels
+from lrkernels import quant
+from lrkernels.ops.int8 import dequantize_weight
 from lrkernels.reference import dequantize_reference, int8_linear_exact, int8_linear_reference
 
 BACKENDS = ["cuda", "triton", "cpu", "torch"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+F64 = torch.float64
 
 # (batch shape, K, N, group): odd N, K not a multiple of 16 (per channel), every group size,
 # empty batches, and M just past the decode path's 16 rows.
@@ -241,3 +244,144 @@ def test_meta_tensors_give_shapes():
     q = torch.empty(8, 64, dtype=torch.int8, device="meta")
     out = lrkernels.int8_linear(x, q, torch.empty(8, 2, device="meta"))
     assert out.shape == (2, 5, 8)
+
+
+# ----------------------------------------------------------------- layout 2 (packed weights)
+
+# (batch shape, K, N, group) with K % 16 == 0: odd N (not a multiple of the 32-row units), every
+# group size, empty batches, M around the kernels' 16-row tile.
+PACKED_SHAPES = [
+    ((1,), 48, 40, 0),
+    ((2, 3), 96, 33, 32),
+    ((17,), 128, 24, 64),
+    ((16,), 256, 70, 128),
+    ((0,), 64, 8, 32),
+]
+
+
+def packed_inputs(batch, K, N, group, dtype, device, bias=True):
+    x, q, s, b = make_inputs(batch, K, N, group, dtype, device, bias)
+    qp, sp = quant.pack(q, s)
+    return x, q, s, qp, sp, b
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", PACKED_SHAPES, ids=str)
+def test_packed_forward_matches_reference(backend, dtype, shape):
+    x, q, s, qp, sp, b = packed_inputs(*shape, dtype, device_for(backend))
+    skip_unless_runs("int8_linear", backend, x, qp, sp, b)
+    out = lrkernels.int8_linear(x, qp, sp, b, backend=backend)
+    assert out.dtype == x.dtype and out.shape == (*shape[0], shape[2])
+    # The same product as the plain layout (the packed weight only reorders bytes).
+    assert_matches(out, int8_linear_exact(x, q, s, b), int8_linear_reference(x, q, s, b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("group", [0, 64])
+def test_packed_gradients(backend, group):
+    dev = device_for(backend)
+    x, q, s, qp, sp, b = packed_inputs((7,), 128, 40, group, torch.float32, dev)
+    skip_unless_runs("int8_linear", backend, x, qp, sp, b)
+    x1, b1 = x.detach().requires_grad_(), b.detach().requires_grad_()
+    dy = torch.randn(7, 40, device=dev)
+    lrkernels.int8_linear(x1, qp, sp, b1, backend=backend).backward(dy)
+    dx_ref = dy.double() @ dequantize_reference(q, s.double(), torch.float64)
+    assert (x1.grad.double() - dx_ref).norm() / dx_ref.norm() < 1e-5
+    torch.testing.assert_close(b1.grad, dy.sum(0))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+@pytest.mark.parametrize("group", [0, 32])
+def test_opcheck_packed_ops(backend, group):
+    if backend == "cuda" and not HAS_CUDA:
+        pytest.skip("cuda: no CUDA device")
+    dev = "cuda" if backend == "cuda" else "cpu"
+    x, _, _, qp, sp, b = packed_inputs((4, 5), 128, 40, group, torch.float32, dev)
+    skip_unless_runs("int8_linear", backend, x, qp, sp, b)
+    ops = torch.ops.lrkernels
+    torch.library.opcheck(ops.int8_linear_packed.default, (x.requires_grad_(), qp, sp, b))
+    dy = torch.randn(4, 5, 40, device=dev, requires_grad=True)
+    torch.library.opcheck(ops.int8_linear_packed_grad_input.default, (dy, qp, sp))
+    torch.library.opcheck(ops.int8_dequantize_packed.default, (qp, sp))
+
+
+def test_dequantize_weight_either_layout():
+    _, q, s, qp, sp, _ = packed_inputs((1,), 96, 33, 32, torch.bfloat16, "cpu")
+    want = dequantize_reference(q, s, torch.bfloat16)
+    assert torch.equal(dequantize_weight(qp, sp), want)
+    assert torch.equal(dequantize_weight(q, s), want)
+    assert torch.equal(dequantize_weight(qp, sp, torch.float64), dequantize_reference(q, s, F64))
+    if lrkernels.available_backends()["cpu"] is None:
+        assert torch.equal(torch.ops.lrkernels.int8_dequantize_packed(qp, sp), want)
+
+
+def test_cuda_path_choice(monkeypatch):
+    from lrkernels.ops import int8 as ops_int8
+
+    monkeypatch.delenv("LRKERNELS_INT8_CUDA_PATH", raising=False)
+    rows = ops_int8.DEQUANT_MATMUL_MIN_ROWS
+    assert ops_int8.cuda_path(1, 4096, 4096, torch.bfloat16) == "kernel"
+    assert ops_int8.cuda_path(rows - 1, 4096, 4096, torch.bfloat16) == "kernel"
+    assert ops_int8.cuda_path(rows, 4096, 4096, torch.bfloat16) == "dequant_matmul"
+    monkeypatch.setenv("LRKERNELS_INT8_CUDA_PATH", "dequant_matmul")
+    assert ops_int8.cuda_path(1, 8, 8, torch.float16, transposed=True) == "dequant_matmul"
+    monkeypatch.setenv("LRKERNELS_INT8_CUDA_PATH", "cublas")
+    with pytest.raises(ValueError, match="LRKERNELS_INT8_CUDA_PATH must be one of"):
+        ops_int8.cuda_path(1, 8, 8, torch.float16)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("path", ["kernel", "dequant_matmul"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 16, 64, 300])
+def test_cuda_paths_and_forced_splits(monkeypatch, path, dtype, M):
+    """Both cuda paths, both layouts, and forced split counts (LRKERNELS_INT8_SPLITS)."""
+    monkeypatch.setenv("LRKERNELS_INT8_CUDA_PATH", path)
+    for splits in ("0", "3"):
+        monkeypatch.setenv("LRKERNELS_INT8_SPLITS", splits)
+        for group in (0, 128):
+            x, q, s, qp, sp, b = packed_inputs((M,), 512, 200, group, dtype, "cuda")
+            ref = (int8_linear_exact(x, q, s, b), int8_linear_reference(x, q, s, b))
+            for qq, ss in ((q, s), (qp, sp)):
+                assert_matches(lrkernels.int8_linear(x, qq, ss, b, backend="cuda"), *ref)
+            dy = torch.randn(M, 200, device="cuda").to(dtype)
+            exact = dy.double() @ dequantize_reference(q, s.double(), F64)
+            same = dy @ dequantize_reference(q, s, dtype)
+            for op, qq in ((torch.ops.lrkernels.int8_linear_grad_input, q),
+                           (torch.ops.lrkernels.int8_linear_packed_grad_input, qp)):  # fmt: skip
+                out = op(dy, qq, sp if qq is qp else s, ops_path(path))
+                assert_matches(out, exact, same, what="grad_input")
+
+
+def ops_path(path: str) -> int:
+    from lrkernels.ops.int8 import CUDA_PATHS
+
+    return CUDA_PATHS[path]
+
+
+def test_packed_bad_inputs():
+    x, _, _, qp, sp, b = packed_inputs((4,), 64, 40, 32, torch.float32, "cpu")
+    cases = [
+        ((x, qp[:, :, :256], sp, b), ValueError, "must be packed"),
+        ((x, qp, sp[:20], b), ValueError, r"give out_features 20"),
+        ((torch.randn(4, 48), qp, sp, b), ValueError, r"last dimension must be 64"),
+        ((x, qp.float(), sp, b), TypeError, "qweight must be int8"),
+        ((x, qp, sp, b[:3]), ValueError, r"bias must have shape \(40,\)"),
+    ]
+    for args, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            lrkernels.int8_linear(*args)
+    if lrkernels.available_backends()["cpu"] is not None:
+        return
+    ops = torch.ops.lrkernels
+    for args, msg in [
+        ((x, qp[:, :, :256], sp, b), "must be packed"),
+        ((x, qp, sp[:20], b), "give out_features 20"),
+        ((torch.randn(4, 48), qp, sp, b), "last dimension must be 64"),
+        ((x, qp, sp.half(), b), "scales must have x's dtype"),
+    ]:
+        with pytest.raises(RuntimeError, match=msg):
+            ops.int8_linear_packed(*args)
+    with pytest.raises(RuntimeError, match="dy's last dimension must be 40"):
+        ops.int8_linear_packed_grad_input(torch.randn(3, 64), qp, sp)

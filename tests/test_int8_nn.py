@@ -489,3 +489,62 @@ def test_quantize_linears_argument_errors():
         quantize_linears(model, dtype=F64)
     assert not any(isinstance(m, Int8Linear) for m in model.modules())
     assert re.search("up", "up")  # the name filters use re.search semantics
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout 2 (packed weights)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", [None, 32])
+def test_packed_module_forward_pack_unpack(group):
+    lin = nn.Linear(96, 29, dtype=F32)
+    plain = Int8Linear.from_linear(lin, group, layout=1)
+    packed = Int8Linear.from_linear(lin, group, layout=2)
+    assert plain.layout == 1 and packed.layout == 2 and "layout=2" in repr(packed)
+    assert packed.qweight.shape == (1, 6, 512)
+    assert packed.memory_bytes == 32 * 96 + plain.memory_bytes - 29 * 96  # rows padded to 32
+    for m in (plain, packed):
+        m.backend = "torch"
+    x = torch.randn(5, 96)
+    assert torch.equal(packed(x), plain(x))
+    assert torch.equal(packed.dequantize().weight, plain.dequantize().weight)
+    assert packed.unpack() is packed and packed.layout == 1
+    assert torch.equal(packed.qweight, plain.qweight) and torch.equal(packed.scales, plain.scales)
+    assert packed.pack().layout == 2 and torch.equal(packed(x), plain(x))
+    with pytest.raises(ValueError, match="in_features % 16 == 0, got 45"):
+        Int8Linear(45, 8, layout=2)
+    with pytest.raises(ValueError, match="in_features % 16 == 0, got 45"):
+        Int8Linear(45, 8).pack()
+    # CPU default: layout 1 (packing pays off on CUDA, where .to("cuda") packs).
+    assert Int8Linear.from_linear(lin, group).layout == 1
+
+
+@pytest.mark.parametrize("group", [None, 64])
+def test_packed_state_dict_is_portable_layout_1(group, tmp_path):
+    src = Int8Linear.from_linear(nn.Linear(128, 40, dtype=BF16), group, layout=2)
+    sd = src.state_dict()
+    assert sd["qweight"].shape == (40, 128) and sd["scales"].is_contiguous()
+    plain = Int8Linear.from_linear(nn.Linear(128, 40, dtype=BF16), group, layout=1)
+    plain.load_state_dict(sd)  # packed module -> plain module
+    assert plain.layout == 1
+    packed = Int8Linear(128, 40, group_size=group, dtype=BF16, layout=2)
+    packed.load_state_dict(plain.state_dict())  # layout-1 checkpoint -> packed module
+    assert packed.layout == 2 and torch.equal(packed.qweight, src.qweight)
+    packed.load_state_dict({k: v for k, v in src.named_buffers()} | {"bias": src.bias})
+    assert torch.equal(packed.qweight, src.qweight)  # packed tensors load as they are
+    plain.load_state_dict({k: v for k, v in src.named_buffers()} | {"bias": src.bias})
+    assert plain.layout == 1 and torch.equal(plain.qweight, sd["qweight"])
+    if group:
+        assert packed.scales.stride() == (1, 40)  # group-major, as the kernels stream them
+    for m in (src, plain, packed):
+        m.backend = "torch"
+    x = torch.randn(3, 128, dtype=BF16)
+    assert torch.equal(packed(x), src(x)) and torch.equal(plain(x), src(x))
+    st = pytest.importorskip("safetensors.torch")
+    path = tmp_path / "packed.safetensors"
+    st.save_file(src.state_dict(), str(path))  # contiguous layout-1 tensors: saves as is
+    fresh = Int8Linear(128, 40, group_size=group, dtype=BF16, layout=2)
+    fresh.load_state_dict(st.load_file(str(path)))
+    fresh.backend = "torch"
+    assert torch.equal(fresh(x), src(x))

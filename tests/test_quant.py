@@ -10,11 +10,18 @@ import torch
 
 from lrkernels.quant import (
     DEFAULT_CLIP_GRID,
+    can_pack,
     dequantize,
     group_size_of,
+    layout_of,
+    pack,
+    packed_shape,
     quantization_error,
     quantize,
     search_clip_ratio,
+    unpack,
+    unpack_qweight,
+    weight_shape,
 )
 from lrkernels.reference import dequantize_reference
 
@@ -540,3 +547,72 @@ def test_clip_search_errors():
         search_clip_ratio(w, X, group_size=48)
     with pytest.raises(TypeError, match="calibration must be a torch.Tensor"):
         search_clip_ratio(w, X.tolist())
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout 2: the packed weight
+# ---------------------------------------------------------------------------------------------
+
+
+def _packed_element(packed: torch.Tensor, n: int, k: int) -> int:
+    """q[n, k] read from the packed bytes by the documented formula (independent of unpack)."""
+    nb, j, g = n // 32, (n % 32) // 8, n % 8
+    kb, kk = k // 16, k % 16
+    b1, t, b0 = kk // 8, (kk % 8) // 2, kk % 2
+    return int(packed[nb, kb, 16 * (4 * g + t) + 4 * j + 2 * b1 + b0])
+
+
+@pytest.mark.parametrize(
+    "n,k,group", [(1, 16, None), (29, 96, 32), (33, 48, None), (64, 256, 128), (70, 192, 64)]
+)
+def test_pack_follows_the_documented_layout_and_round_trips(n, k, group):
+    q, s = quantize(torch.randn(n, k), group, scale_dtype=BF16)
+    packed, ps = pack(q, s)
+    assert layout_of(q) == 1 and layout_of(packed) == 2
+    assert packed.shape == packed_shape(n, k) == (-(-n // 32), k // 16, 512)
+    assert packed.dtype == torch.int8 and packed.is_contiguous()
+    for _ in range(300):
+        i, c = int(torch.randint(0, n, ())), int(torch.randint(0, k, ()))
+        assert _packed_element(packed, i, c) == int(q[i, c])
+    rows = packed.view(-1, 32, 16)  # padding rows are zero
+    assert int(rows.abs().sum()) == int(q.abs().sum())
+    # Scales: same values and shape; group scales stored group-major (column-major).
+    assert torch.equal(ps, s) and ps.shape == s.shape
+    if group:
+        assert ps.stride() == (1, n)
+    q2, s2 = unpack(packed, ps)
+    assert torch.equal(q2, q) and torch.equal(s2, s) and s2.is_contiguous()
+    assert group_size_of(packed, ps) == (group or 0)
+    assert weight_shape(packed, ps) == (n, k)
+    for dtype in (F32, BF16, F64):
+        assert torch.equal(dequantize(packed, ps, dtype=dtype), dequantize(q, s, dtype=dtype))
+        assert torch.equal(
+            dequantize_reference(packed, ps, dtype), dequantize_reference(q, s, dtype)
+        )
+    qp, sp = quantize(torch.randn(n, k), group, layout=2)
+    assert layout_of(qp) == 2 and group_size_of(qp, sp) == (group or 0)
+    assert pack(packed, ps)[0] is packed  # packing a packed weight is a no-op
+
+
+def test_pack_errors():
+    q = torch.zeros(8, 40, dtype=torch.int8)
+    assert not can_pack(40) and can_pack(48) and not can_pack(0)
+    with pytest.raises(ValueError, match=r"in_features % 16 == 0, got 40"):
+        pack(q, torch.ones(8))
+    with pytest.raises(ValueError, match=r"in_features % 16 == 0, got 40"):
+        quantize(torch.randn(8, 40), layout=2)
+    with pytest.raises(ValueError, match="layout must be 1 or 2"):
+        quantize(torch.randn(8, 48), layout=3)
+    packed = torch.zeros(2, 3, 512, dtype=torch.int8)
+    assert group_size_of(packed, torch.ones(40)) == 0
+    with pytest.raises(ValueError, match="group size must be 32, 64 or 128"):
+        group_size_of(packed, torch.ones(64, 3, dtype=F16))  # K = 48 in 3 groups of 16
+    assert group_size_of(torch.zeros(2, 4, 512, dtype=torch.int8), torch.ones(64, 2)) == 32
+    with pytest.raises(ValueError, match=r"holds ceil\(N / 32\) = 2 row units"):
+        group_size_of(packed, torch.ones(65))
+    with pytest.raises(ValueError, match=r"or packed \(layout 2"):
+        layout_of(torch.zeros(2, 3, 256, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"scales of shape \(70,\) give N = 70"):
+        unpack(packed, torch.ones(70))
+    with pytest.raises(ValueError, match="does not match a packed weight"):
+        unpack_qweight(packed, 70)

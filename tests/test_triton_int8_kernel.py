@@ -278,6 +278,107 @@ def test_grad_input_non_contiguous(dtype, G):
 
 
 # --------------------------------------------------------------------------------------
+# Packed weights (layout 2), the bit-trick conversion, in-launch split-K.
+# --------------------------------------------------------------------------------------
+
+PACKED_CASES = [(1, 40, 48, 0), (5, 33, 96, 32), (17, 64, 256, 64), (37, 70, 256, 128)]
+
+
+def _packed(q, s):
+    from lrkernels import quant
+
+    return quant.pack(q, s)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", PACKED_CASES, ids=_case_id)
+def test_packed_forward_and_grad(case, dtype):
+    """The packed weight gives the plain weight's product (both directions)."""
+    M, N, K, G = case
+    q, s = _quantized(N, K, G, dtype)
+    qp, sp = _packed(q, s)
+    x, b = _rand(M, K, dtype=dtype), _rand(N, dtype=dtype)
+    out = _nan((M, N), dtype)
+    int8.launch_int8_linear(x, qp, sp, b, out, G)
+    w64, w_dtype = _weights(q, s)
+    _assert_close(out, x.double() @ w64.T + b.double(), F.linear(x, w_dtype, b))
+    dy = _rand(M, N, dtype=dtype)
+    dx = _nan((M, K), dtype)
+    int8.launch_int8_linear_grad_input(dy, qp, sp, dx, G)
+    _assert_close(dx, dy.double() @ w64, dy @ w_dtype)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_split_k_in_one_launch_is_deterministic_and_resets_counters(packed):
+    """Forced splits in both directions: one launch, partials added in split order by the
+    tile's last program, bitwise the same on a second launch; the counters end at zero."""
+    M, N, K, G = 3, 96, 512, 64
+    q, s = _quantized(N, K, G, torch.float16)
+    qq, ss = _packed(q, s) if packed else (q, s)
+    x, dy = _rand(M, K, dtype=torch.float16), _rand(M, N, dtype=torch.float16)
+    fwd = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT=3, num_warps=4, num_stages=2)
+    grad = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, SPLIT=3, num_warps=4, num_stages=2)
+    outs = []
+    for _ in range(2):
+        out, dx = _nan((M, N), torch.float16), _nan((M, K), torch.float16)
+        int8.launch_int8_linear(x, qq, ss, None, out, G, config=fwd)
+        int8.launch_int8_linear_grad_input(dy, qq, ss, dx, G, config=grad)
+        outs.append((out, dx))
+    w64, w16 = _weights(q, s)
+    _assert_close(outs[0][0], x.double() @ w64.T, F.linear(x, w16))
+    _assert_close(outs[0][1], dy.double() @ w64, dy @ w16)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert all(int(c.abs().sum()) == 0 for c in int8._COUNTERS.values())
+
+
+def test_int8_exact_every_byte():
+    """The bit-trick conversion gives every int8 value exactly, in float16 and float32."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def convert(q_ptr, h_ptr, f_ptr):
+        q = tl.load(q_ptr + tl.arange(0, 256))
+        tl.store(h_ptr + tl.arange(0, 256), int8.int8_exact(q, tl.float16))
+        tl.store(f_ptr + tl.arange(0, 256), int8.int8_exact(q, tl.float32))
+
+    q = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).to(DEVICE)
+    h = torch.empty(256, dtype=torch.float16, device=DEVICE)
+    f = torch.empty(256, dtype=torch.float32, device=DEVICE)
+    convert[(1,)](q, h, f)
+    assert torch.equal(h.float(), q.float()) and torch.equal(f, q.float())
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_load_packed_tile(transposed):
+    """load_packed_tile (public, for other kernels reading an int8 base) returns W's tile."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def tile(q_ptr, out_ptr, n0, k0, NB, KB, BN: tl.constexpr, BK: tl.constexpr,
+             TR: tl.constexpr):  # fmt: skip
+        t = int8.load_packed_tile(q_ptr, n0, k0, NB, KB, BN, BK, TR)
+        if TR:
+            offs = tl.arange(0, BN)[:, None] * BK + tl.arange(0, BK)[None, :]
+        else:
+            offs = tl.arange(0, BK)[:, None] * BN + tl.arange(0, BN)[None, :]
+        tl.store(out_ptr + offs, t)
+
+    N, K = 70, 96
+    q, s = _quantized(N, K, 0, torch.float32)
+    qp, _ = _packed(q, s)
+    padded = torch.zeros(96 + 32, K + 64, dtype=torch.int8, device=DEVICE)
+    padded[:N, :K] = q
+    for n0, k0 in ((0, 0), (32, 48), (64, 64)):
+        shape = (64, 32) if transposed else (32, 64)
+        out = torch.empty(shape, dtype=torch.int8, device=DEVICE)
+        tile[(1,)](qp, out, n0, k0, qp.shape[0], qp.shape[1], 64, 32, transposed)
+        want = padded[n0 : n0 + 64, k0 : k0 + 32]
+        assert torch.equal(out, want if transposed else want.T), (n0, k0)
+
+
+# --------------------------------------------------------------------------------------
 # Edge cases, indexing, config, validation, bfloat16.
 # --------------------------------------------------------------------------------------
 
@@ -314,7 +415,14 @@ def test_choose_config_invariants():
                         continue
                     for sms in (1, 108, 132):
                         for transposed in (False, True):
-                            c = int8.choose_config(M, N, K, G, dtype, sms, transposed)
+                            packed = (M + N) % 2 == 0 and K % 16 == 0
+                            c = int8.choose_config(
+                                M, N, K, G, dtype, sms, transposed, packed=packed
+                            )
+                            if packed and transposed:
+                                assert c["BLOCK_N"] % 32 == 0, c
+                            elif packed:
+                                assert c["BLOCK_N"] % 32 == 0 and c["BLOCK_K"] % 16 == 0, c
                             for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
                                 assert pow2(c[key]) and c[key] <= 128, (key, c)
                             if G and not transposed:

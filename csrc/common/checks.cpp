@@ -121,6 +121,91 @@ int64_t check_int8_grad_input_args(const at::Tensor& dy, const at::Tensor& qweig
 
 namespace {
 
+// The packed weight and its scales (shared by the three packed ops): returns the group size and
+// sets n, k (out_features, in_features).
+int64_t check_int8_packed_pair(const char* op, const at::Tensor& qweight, const at::Tensor& scales,
+                               int64_t* n, int64_t* k) {
+  TORCH_CHECK(qweight.scalar_type() == at::kChar, op, ": qweight must be int8, got ",
+              qweight.scalar_type());
+  TORCH_CHECK(
+      qweight.dim() == 3 && qweight.size(2) == 512 && qweight.size(0) >= 1 && qweight.size(1) >= 1,
+      op, ": qweight must be packed (layout 2): (ceil(out / 32), in / 16, 512), got shape ",
+      qweight.sizes());
+  TORCH_CHECK(scales.device() == qweight.device(), op, ": scales must be on qweight's device (",
+              qweight.device(), "), got ", scales.device());
+  TORCH_CHECK(scales.dim() == 1 || scales.dim() == 2, op,
+              ": scales must have shape (out,) or (out, in / group_size), got ", scales.sizes());
+  *n = scales.size(0);
+  *k = 16 * qweight.size(1);
+  TORCH_CHECK(*n >= 1 && (*n + 31) / 32 == qweight.size(0), op, ": scales of shape ",
+              scales.sizes(), " give out_features ", *n, ", but the packed qweight of shape ",
+              qweight.sizes(), " holds ceil(out / 32) = ", qweight.size(0), " row units");
+  if (scales.dim() == 1) return 0;
+  const int64_t groups = scales.size(1);
+  TORCH_CHECK(groups >= 1 && *k % groups == 0, op, ": in_features (", *k,
+              ") is not divisible into ", groups, " groups (scales of shape ", scales.sizes(), ")");
+  const int64_t group = *k / groups;
+  TORCH_CHECK(group == 32 || group == 64 || group == 128, op,
+              ": group size must be 32, 64 or 128, got ", group, " (in_features ", *k, ", ", groups,
+              " groups)");
+  return group;
+}
+
+int64_t check_int8_packed_common(const char* op, const char* act_name, const at::Tensor& act,
+                                 bool reduce_over_n, const at::Tensor& qweight,
+                                 const at::Tensor& scales) {
+  TORCH_CHECK(is_supported_float(act.scalar_type()), op, ": ", act_name,
+              " must be float64, float32, float16 or bfloat16, got ", act.scalar_type());
+  TORCH_CHECK(act.dim() >= 1, op, ": ", act_name, " must have at least one dimension");
+  TORCH_CHECK(qweight.device() == act.device(), op, ": qweight must be on ", act_name,
+              "'s device (", act.device(), "), got ", qweight.device());
+  int64_t n = 0, k = 0;
+  const int64_t group = check_int8_packed_pair(op, qweight, scales, &n, &k);
+  TORCH_CHECK(scales.scalar_type() == act.scalar_type(), op, ": scales must have ", act_name,
+              "'s dtype (", act.scalar_type(), "), got ", scales.scalar_type());
+  const int64_t features = reduce_over_n ? n : k;
+  TORCH_CHECK(act.size(-1) == features, op, ": ", act_name, "'s last dimension must be ", features,
+              " to match the packed qweight (out ", n, ", in ", k, "), got ", act.sizes());
+  return group;
+}
+
+}  // namespace
+
+int64_t check_int8_packed_linear_args(const at::Tensor& x, const at::Tensor& qweight,
+                                      const at::Tensor& scales,
+                                      const std::optional<at::Tensor>& bias) {
+  const int64_t group =
+      check_int8_packed_common("int8_linear_packed", "x", x, false, qweight, scales);
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(),
+                "int8_linear_packed: bias must have x's dtype (", x.scalar_type(), "), got ",
+                b.scalar_type());
+    TORCH_CHECK(b.device() == x.device(), "int8_linear_packed: bias must be on x's device (",
+                x.device(), "), got ", b.device());
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == scales.size(0),
+                "int8_linear_packed: bias must have shape (", scales.size(0), ",), got ",
+                b.sizes());
+  }
+  return group;
+}
+
+int64_t check_int8_packed_grad_input_args(const at::Tensor& dy, const at::Tensor& qweight,
+                                          const at::Tensor& scales) {
+  return check_int8_packed_common("int8_linear_packed_grad_input", "dy", dy, true, qweight, scales);
+}
+
+int64_t check_int8_dequantize_packed_args(const at::Tensor& qweight, const at::Tensor& scales) {
+  TORCH_CHECK(scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf ||
+                  scales.scalar_type() == at::kBFloat16,
+              "int8_dequantize_packed: scales must be float32, float16 or bfloat16, got ",
+              scales.scalar_type());
+  int64_t n = 0, k = 0;
+  return check_int8_packed_pair("int8_dequantize_packed", qweight, scales, &n, &k);
+}
+
+namespace {
+
 constexpr const char* kAttn = "block_sparse_attention: ";
 
 // ceil(a / b) for a >= 0, b >= 1, without overflow.

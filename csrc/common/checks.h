@@ -26,6 +26,18 @@ int64_t check_int8_linear_args(const at::Tensor& x, const at::Tensor& qweight,
 int64_t check_int8_grad_input_args(const at::Tensor& dy, const at::Tensor& qweight,
                                    const at::Tensor& scales);
 
+// The packed-weight (layout 2, lrkernels/quant.py) forms of the two int8 ops: qweight int8
+// (ceil(N / 32), K / 16, 512) with K = 16 * qweight.size(1); scales (N,) or (N, K / group) in the
+// activation's dtype (any strides) give N. int8_linear_packed: x (..., K), bias (N,) or None;
+// int8_linear_packed_grad_input: dy (..., N). Returns the group size (0 per channel).
+int64_t check_int8_packed_linear_args(const at::Tensor& x, const at::Tensor& qweight,
+                                      const at::Tensor& scales,
+                                      const std::optional<at::Tensor>& bias);
+int64_t check_int8_packed_grad_input_args(const at::Tensor& dy, const at::Tensor& qweight,
+                                          const at::Tensor& scales);
+// int8_dequantize_packed(qweight, scales): the pair as above (scales float32/16/bf16).
+int64_t check_int8_dequantize_packed_args(const at::Tensor& qweight, const at::Tensor& scales);
+
 // block_sparse_attention_fwd (docs/attention.md): q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D) with
 // Hq % Hkv == 0, one float dtype, one device (any strides); the layout tensors int32 on q's
 // device: kv_num_blocks (Bl, Hl, ceil(Sq / block_q)) with Bl in {1, B}, Hl in {1, Hq},

@@ -9,9 +9,10 @@
 - `quantize_linears`: replace the ``nn.Linear`` layers of a model in place and report the
   bytes saved (`QuantizeReport`).
 
-The format of ``qweight`` / ``scales`` (layout version 1, the kernels' own layout, no packing)
-and the reasons the scales are stored in the activation dtype are described in
-`lrkernels.quant`. The state_dict holds exactly these tensors and is portable as is.
+The formats of ``qweight`` / ``scales`` (layout 1, portable; layout 2, packed for the CUDA
+kernels) and the reasons the scales are stored in the activation dtype are described in
+`lrkernels.quant`. A module runs on either layout; its state_dict always holds layout 1, so
+checkpoints stay portable (and layout-1 checkpoints load into packed modules).
 """
 
 from __future__ import annotations
@@ -27,13 +28,21 @@ from torch import Tensor, nn
 
 from ..factorize import GramAccumulator
 from ..quant import (
+    LAYOUT_VERSION,
+    PACKED_LAYOUT_VERSION,
     SCALE_DTYPES,
+    can_pack,
     dequantize,
     group_size_of,
+    layout_of,
     normalize_group_size,
+    pack,
+    packed_shape,
     quantization_error,
     quantize,
     search_clip_ratio,
+    unpack,
+    weight_shape,
 )
 from ._walk import NameFilter, calibrate, index_linears, name_predicate, warn_if_nothing_selected
 from ._weight import DenseWeightMixin
@@ -67,8 +76,12 @@ class Int8Linear(DenseWeightMixin, nn.Module):
             the inputs and the outputs. Default: torch's default dtype
             (``torch.get_default_dtype()``, float32 unless changed), as for ``nn.Linear``.
 
+        layout: 1 (plain ``(out, in)`` qweight) or 2 (packed for the CUDA kernels, needs
+            ``in_features % 16 == 0``; `lrkernels.quant`).
+
     Attributes:
-        qweight: int8 ``(out_features, in_features)`` buffer (zeros until loaded/quantized).
+        qweight: int8 ``(out_features, in_features)`` buffer (zeros until loaded/quantized), or
+            its packed form ``(ceil(out / 32), in / 16, 512)`` when ``layout == 2``.
         scales: ``(out_features,)`` or ``(out_features, in_features // group_size)`` buffer
             in ``dtype`` (ones until loaded/quantized).
         bias: ``(out_features,)`` parameter, or None.
@@ -80,6 +93,11 @@ class Int8Linear(DenseWeightMixin, nn.Module):
         group_size: 0 (per channel) or 32 / 64 / 128.
         backend: passed to `lrkernels.int8_linear` (None = automatic choice). A plain
             attribute, not part of the state_dict.
+
+    Layout: `pack` / `unpack` convert in place; moving a packable module to CUDA packs it (the
+    CUDA kernels read layout 2 without a copy; a layout-1 weight is packed on every call there).
+    ``state_dict()`` always holds layout 1 (``(out, in)`` qweight, contiguous scales), and
+    ``load_state_dict`` takes either layout and converts it to the module's.
 
     The weight is frozen: ``qweight`` and ``scales`` are buffers, so ``parameters()`` (and any
     optimizer) only sees the bias; gradients flow to the input and the bias. Buffers follow
@@ -111,6 +129,7 @@ class Int8Linear(DenseWeightMixin, nn.Module):
         group_size: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        layout: int = LAYOUT_VERSION,
     ) -> None:
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
@@ -136,11 +155,20 @@ class Int8Linear(DenseWeightMixin, nn.Module):
         self.backend: str | None = None
         groups = self.in_features // self.group_size if self.group_size else None
         scale_shape = (self.out_features,) if groups is None else (self.out_features, groups)
-        self.register_buffer(
-            "qweight",
-            torch.zeros((self.out_features, self.in_features), dtype=torch.int8, device=device),
+        if layout not in (LAYOUT_VERSION, PACKED_LAYOUT_VERSION):
+            raise ValueError(f"layout must be 1 or 2, got {layout!r}")
+        if layout == PACKED_LAYOUT_VERSION and not can_pack(self.in_features):
+            raise ValueError(f"layout 2 needs in_features % 16 == 0, got {self.in_features}")
+        q_shape = (
+            packed_shape(self.out_features, self.in_features)
+            if layout == PACKED_LAYOUT_VERSION
+            else (self.out_features, self.in_features)
         )
-        self.register_buffer("scales", torch.ones(scale_shape, dtype=dtype, device=device))
+        self.register_buffer("qweight", torch.zeros(q_shape, dtype=torch.int8, device=device))
+        scales = torch.ones(scale_shape, dtype=dtype, device=device)
+        if layout == PACKED_LAYOUT_VERSION and groups is not None:
+            scales = scales.t().contiguous().t()  # group-major storage (lrkernels.quant.pack)
+        self.register_buffer("scales", scales)
         if bias:
             self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=device))
         else:
@@ -150,6 +178,59 @@ class Int8Linear(DenseWeightMixin, nn.Module):
     def dtype(self) -> torch.dtype:
         """The activation dtype (that of the scales)."""
         return self.scales.dtype
+
+    @property
+    def layout(self) -> int:
+        """1 (plain qweight) or 2 (packed, `lrkernels.quant`)."""
+        return layout_of(self.qweight)
+
+    @torch.no_grad()
+    def pack(self) -> Int8Linear:
+        """Converts the buffers to layout 2 in place (no-op if packed); returns self."""
+        if self.layout == LAYOUT_VERSION:
+            if not can_pack(self.in_features):
+                raise ValueError(f"layout 2 needs in_features % 16 == 0, got {self.in_features}")
+            self.qweight, self.scales = pack(self.qweight, self.scales)
+        return self
+
+    @torch.no_grad()
+    def unpack(self) -> Int8Linear:
+        """Converts the buffers to layout 1 in place (no-op if plain); returns self."""
+        if self.layout == PACKED_LAYOUT_VERSION:
+            self.qweight, self.scales = unpack(self.qweight, self.scales)
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to("cuda") / .cuda(): the CUDA kernels read the packed layout, so pack once here.
+        super()._apply(fn, *args, **kwargs)
+        if self.qweight.is_cuda and self.layout == LAYOUT_VERSION and can_pack(self.in_features):
+            self.pack()
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # Always the portable layout 1 (lrkernels.quant), whatever the module runs on.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout == PACKED_LAYOUT_VERSION:
+            q, s = unpack(self.qweight.detach(), self.scales.detach())
+            destination[prefix + "qweight"] = q
+            destination[prefix + "scales"] = s
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Either layout loads; it is converted to this module's layout first.
+        qkey, skey = prefix + "qweight", prefix + "scales"
+        q, s = state_dict.get(qkey), state_dict.get(skey)
+        if isinstance(q, Tensor) and isinstance(s, Tensor) and q.dtype == torch.int8:
+            try:
+                incoming = layout_of(q)
+                group_size_of(q, s)
+            except (TypeError, ValueError):
+                incoming = None  # let the default loader report the mismatch
+            if incoming is not None and incoming != self.layout:
+                with torch.no_grad():
+                    q, s = pack(q, s) if self.layout == PACKED_LAYOUT_VERSION else unpack(q, s)
+                state_dict = dict(state_dict)
+                state_dict[qkey], state_dict[skey] = q, s
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, input: Tensor) -> Tensor:
         return self._linear_with(input, self.bias)
@@ -204,6 +285,8 @@ class Int8Linear(DenseWeightMixin, nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, group_size={group}, dtype={self.dtype}"
         )
+        if self.layout != LAYOUT_VERSION:
+            s += f", layout={self.layout}"
         if self.backend is not None:
             s += f", backend={self.backend!r}"
         return s
@@ -239,12 +322,18 @@ class Int8Linear(DenseWeightMixin, nn.Module):
         bias: Tensor | None = None,
         *,
         backend: str | None = None,
+        layout: int | None = None,
     ) -> Int8Linear:
-        """A module holding copies of int8 ``qweight`` (out, in), ``scales`` (out,) or
-        (out, in // G) and ``bias`` (out,), on qweight's device in the scales' dtype."""
+        """A module holding copies of int8 ``qweight`` (out, in) or its packed form, ``scales``
+        (out,) or (out, in // G) and ``bias`` (out,), on qweight's device in the scales' dtype.
+        ``layout``: 1, 2, or None (the default: 2 on CUDA when in_features % 16 == 0, else 1).
+        """
         group = group_size_of(qweight, scales)
         _check_dtype(scales.dtype, "scales' dtype")
-        out_features, in_features = qweight.shape
+        out_features, in_features = weight_shape(qweight, scales)
+        if layout is None:
+            on_cuda = qweight.device.type == "cuda"
+            layout = PACKED_LAYOUT_VERSION if on_cuda and can_pack(in_features) else LAYOUT_VERSION
         if bias is not None and tuple(bias.shape) != (out_features,):
             raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
         module = cls(
@@ -254,10 +343,12 @@ class Int8Linear(DenseWeightMixin, nn.Module):
             group_size=group or None,
             device=qweight.device,
             dtype=scales.dtype,
+            layout=layout,
         )
+        q, s = (pack if layout == PACKED_LAYOUT_VERSION else unpack)(qweight, scales)
         with torch.no_grad():
-            module.qweight.copy_(qweight)
-            module.scales.copy_(scales)
+            module.qweight.copy_(q)
+            module.scales.copy_(s)
             if bias is not None:
                 module.bias.copy_(bias)
         module.backend = backend
@@ -274,6 +365,7 @@ class Int8Linear(DenseWeightMixin, nn.Module):
         gram: Tensor | None = None,
         clip_search: bool = False,
         backend: str | None = None,
+        layout: int | None = None,
     ) -> Int8Linear:
         """Quantize a dense ``nn.Linear`` (`lrkernels.quant.quantize`).
 
@@ -288,6 +380,8 @@ class Int8Linear(DenseWeightMixin, nn.Module):
             clip_search: choose a per-channel clip ratio minimising the output error on the
                 calibration inputs (`lrkernels.quant.search_clip_ratio`).
             backend: stored on the module.
+            layout: 1, 2 or None (2 on CUDA when in_features % 16 == 0, else 1; see
+                `from_quantized`).
 
         The result is on the linear's device, with a copy of its bias, the bias's
         ``requires_grad`` flag and the linear's training mode.
@@ -311,14 +405,19 @@ class Int8Linear(DenseWeightMixin, nn.Module):
                 weight, calibration, gram=gram, group_size=group_size, scale_dtype=dtype
             )
         qweight, scales = quantize(weight, group_size, scale_dtype=dtype, clip_ratio=clip_ratio)
-        return cls._from_linear_quantized(linear, qweight, scales, backend)
+        return cls._from_linear_quantized(linear, qweight, scales, backend, layout)
 
     @classmethod
     def _from_linear_quantized(
-        cls, linear: nn.Linear, qweight: Tensor, scales: Tensor, backend: str | None
+        cls,
+        linear: nn.Linear,
+        qweight: Tensor,
+        scales: Tensor,
+        backend: str | None,
+        layout: int | None = None,
     ) -> Int8Linear:
         bias = None if linear.bias is None else linear.bias.detach().to(scales.dtype)
-        module = cls.from_quantized(qweight, scales, bias, backend=backend)
+        module = cls.from_quantized(qweight, scales, bias, backend=backend, layout=layout)
         if linear.bias is not None:
             module.bias.requires_grad_(linear.bias.requires_grad)
         module.train(linear.training)

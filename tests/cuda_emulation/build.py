@@ -64,7 +64,9 @@ class Family:
 
 FAMILIES = {
     "lowrank": Family("lowrank", ("lowrank_gemv.cu", "lowrank_fused_tc.cu"), "lowrank_driver.cpp"),
-    "int8": Family("int8", ("int8_gemv.cu", "int8_gemm_tc.cu"), "int8_driver.cpp"),
+    "int8": Family(
+        "int8", ("int8_mma_fwd.cu", "int8_mma_tr.cu", "int8_dequant.cu"), "int8_driver.cpp"
+    ),
     "primitives": Family("primitives", ("primitives.cu",), "primitives_driver.cpp", "kernels"),
     "lora": Family("lora", ("lora_gemv.cu",), "lora_driver.cpp"),
 }

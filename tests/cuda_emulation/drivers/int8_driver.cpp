@@ -1,14 +1,23 @@
-// Driver of the int8 weight-only family (csrc/cuda/int8_kernels.cuh) through launch_int8_gemv
-// (path=gemv) or launch_int8_gemm_tc (path=tc), checked against a float64 reference:
-//   forward (dir=fwd): y = a · Wᵀ + bias,  transposed (dir=tr): y = a · W,
-//   W[n, k] = q[n, k] · s[n, k / G] formed in float32; the tensor-core path rounds W to the
-//   dtype before the product (as int8_gemm_tc.cu documents), so the reference does too.
+// Driver of the int8 weight-only family (csrc/cuda/int8_kernels.cuh), checked against a float64
+// reference:
+//   op=mma:     launch_int8_mma with the plan int8_mma_plan picks (or forced splits):
+//               forward (dir=fwd): y = a · Wᵀ + bias, transposed (dir=tr): y = a · W;
+//   op=dequant: launch_int8_dequantize: W = q · s in the dtype.
+// The packed weight (layout 2) is built here from the documented formula (int8_kernels.cuh,
+// lrkernels/quant.py), not from the kernels. Reference numerics, as int8_mma.cuh documents them:
+// forward per channel y = s[n] · Σ a·q + b (q exact); group scales and the transposed product
+// use W = round_T(q · s); accumulation in float (the comparison allows for its order).
 //
-// Case keys: path=gemv|tc dtype=f32|f16|bf16 dir=fwd|tr M N K [group=0|32|64|128] [bias=0|1]
-//   [sms=N] [mis=<letters of a q s b y>] [dist=int|real] [seed=N] [expect=ok|invalid]
-// Kernel files that were absent at build time are compiled out (EMU_WITHOUT_<FILE>).
+// Case keys: op=mma|dequant dtype=f16|bf16 (dequant: also f32) dir=fwd|tr M N K
+//   [group=0|32|64|128] [bias=0|1] [sms=N] [splits=N] [pad=<extra elements per row of a>]
+//   [ypad=<extra elements per row of y>] [mis=<letters a q s b y: base off 16-byte alignment>]
+//   [det=1: run twice, outputs must be bitwise equal] [dist=int|real] [seed=N]
+//   [expect=ok|invalid]
+// Checked besides the values: inputs unchanged, padding of y never written, split-K counters
+// back to zero, the plan's invariants (no empty split, grid = tiles x splits).
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -18,8 +27,10 @@
 namespace {
 
 using drv::Buffer;
-using lrkernels::cuda::Int8Args;
+using lrkernels::cuda::Int8DequantArgs;
 using lrkernels::cuda::Int8DType;
+using lrkernels::cuda::Int8MmaArgs;
+using lrkernels::cuda::Int8MmaPlan;
 
 template <class T>
 Int8DType api_dtype() {
@@ -28,56 +39,108 @@ Int8DType api_dtype() {
   return Int8DType::kBFloat16;
 }
 
-cudaError_t launch(const std::string& path, const Int8Args& args, int sms, std::string* why) {
-  if (path == "gemv") {
-#ifndef EMU_WITHOUT_INT8_GEMV
-    const size_t bytes = lrkernels::cuda::int8_gemv_workspace_bytes(args, sms);
-    Buffer<unsigned char> ws(bytes, 0);
-    ws.fill_nan();
-    return lrkernels::cuda::launch_int8_gemv(args, bytes > 0 ? ws.data() : nullptr, sms, nullptr);
-#endif
-  } else if (path == "tc") {
-#ifndef EMU_WITHOUT_INT8_GEMM_TC
-    return lrkernels::cuda::launch_int8_gemm_tc(args, sms, nullptr);
-#endif
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// Layout 2 from q (N, K): packed[nb][kb][16 L + 4 j + b] = q[32 nb + 8 j + L / 4]
+// [16 kb + 2 (L % 4) + (b & 1) + 8 (b >> 1)], rows past N zero.
+void pack_layout2(const int8_t* q, int64_t N, int64_t K, int8_t* out) {
+  const int64_t nbs = (N + 31) / 32, kbs = K / 16;
+  for (int64_t nb = 0; nb < nbs; ++nb) {
+    for (int64_t kb = 0; kb < kbs; ++kb) {
+      int8_t* unit = out + (nb * kbs + kb) * 512;
+      for (int L = 0; L < 32; ++L) {
+        for (int j = 0; j < 4; ++j) {
+          for (int b = 0; b < 4; ++b) {
+            const int64_t n = nb * 32 + 8 * j + L / 4;
+            const int64_t k = kb * 16 + 2 * (L % 4) + (b & 1) + 8 * (b >> 1);
+            unit[16 * L + 4 * j + b] = n < N ? q[n * K + k] : 0;
+          }
+        }
+      }
+    }
   }
-  *why = "path " + path + " unknown or not built";
-  return cudaErrorUnknown;
+}
+
+std::string plan_problem(const Int8MmaPlan& p) {
+  if (p.grid != p.tiles * p.splits) return "plan: grid != tiles x splits";
+  if (p.splits < 1 || (p.splits - 1) * p.steps_per_split >= p.steps) return "plan: an empty split";
+  if (p.splits > 1 && (p.counters != p.tiles || p.workspace_floats == 0))
+    return "plan: split-K without workspace";
+  return "";
 }
 
 template <class T>
-std::string run(const drv::Case& c, std::string* stats) {
-  const std::string path = c.str("path");
+std::string run_mma(const drv::Case& c, std::string* stats) {
   const bool tr = c.str("dir", "fwd") == "tr";
   const int64_t M = c.num("M"), N = c.num("N"), K = c.num("K"), G = c.num("group", 0);
   const bool has_bias = c.num("bias", tr ? 0 : 1) != 0;
   const int sms = static_cast<int>(c.num("sms", 132));
   const bool expect_ok = c.str("expect", "ok") == "ok";
   drv::Values vals(c.str("dist", "real"), static_cast<uint64_t>(c.num("seed", 1)));
-  const int64_t in_cols = tr ? N : K, out_cols = tr ? K : N;
-  const int64_t groups = G > 0 ? K / G : 1;  // scales per row of W
+  const int64_t R = tr ? N : K, C = tr ? K : N;
+  const int64_t lda = R + c.num("pad", 0), ldy = C + c.num("ypad", 0);
+  const int64_t groups = G > 0 ? K / G : 1;
+  const bool staged = G > 0 || tr;
+  const int64_t sld = staged ? round_up(N, 8) : N;
 
-  Buffer<T> a(M * in_cols, c.misaligned('a')), s(N * groups, c.misaligned('s')),
-      b(N, c.misaligned('b')), y(M * out_cols, c.misaligned('y'));
-  Buffer<int8_t> q(N * K, c.misaligned('q'));
-  vals.fill(a);
-  vals.fill(b);
-  for (size_t i = 0; i < q.size(); ++i) q[i] = static_cast<int8_t>(vals.rng()() % 255) - 127;
-  q.snapshot();
-  for (size_t i = 0; i < s.size(); ++i) {
-    const float v = vals.exact() ? std::ldexp(1.f, -static_cast<int>(vals.rng()() % 3))
-                                 : (0.5f + std::fabs(vals.next())) / 64;
-    s[i] = drv::from_f<T>(v);
+  // Logical inputs.
+  std::vector<int8_t> q(static_cast<size_t>(N * K));
+  for (auto& v : q) v = static_cast<int8_t>(static_cast<int>(vals.rng()() % 255) - 127);
+  std::vector<float> s(static_cast<size_t>(N * groups));
+  for (auto& v : s) {
+    v = vals.exact() ? std::ldexp(1.f, -static_cast<int>(vals.rng()() % 3))
+                     : (0.5f + std::fabs(vals.next())) / 64;
+    v = drv::to_f(drv::from_f<T>(v));
   }
-  s.snapshot();
-  y.fill_nan();
-  const Int8Args args{
-      a.data(), q.data(), s.data(),      has_bias ? b.data() : nullptr, y.data(), M, N, K,
-      G,        tr,       api_dtype<T>()};
 
-  std::string why;
-  const cudaError_t err = launch(path, args, sms, &why);
-  if (!why.empty()) return why;
+  // Kernel-side tensors. Scale padding past N is NaN: it may be read, never used.
+  Buffer<T> a(static_cast<size_t>(M * lda), c.misaligned('a')),
+      sk(static_cast<size_t>(staged ? groups * sld : N), c.misaligned('s')),
+      b(static_cast<size_t>(N), c.misaligned('b')),
+      y(static_cast<size_t>(M * ldy), c.misaligned('y'));
+  Buffer<int8_t> qp(static_cast<size_t>((N + 31) / 32 * 32 * K), c.misaligned('q'));
+  for (size_t i = 0; i < a.size(); ++i) a[i] = drv::from_f<T>(vals.next());
+  a.snapshot();
+  vals.fill(b);
+  if (K % 16 == 0) pack_layout2(q.data(), N, K, qp.data());
+  qp.snapshot();
+  sk.fill_nan();
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t gr = 0; gr < groups; ++gr) {
+      sk[static_cast<size_t>(staged ? gr * sld + n : n)] = drv::from_f<T>(s[n * groups + gr]);
+    }
+  }
+  sk.snapshot();
+  y.fill_nan();
+
+  Int8MmaArgs args{};
+  args.a = a.data();
+  args.lda = lda;
+  args.qpacked = qp.data();
+  args.scales = sk.data();
+  args.sld = sld;
+  args.bias = has_bias ? b.data() : nullptr;
+  args.y = y.data();
+  args.ldy = ldy;
+  args.M = M;
+  args.N = N;
+  args.K = K;
+  args.group_size = G;
+  args.transposed = tr;
+  args.dtype = api_dtype<T>();
+  args.splits = static_cast<int>(c.num("splits", 0));
+  const Int8MmaPlan plan = lrkernels::cuda::int8_mma_plan(args, sms);
+  if (expect_ok) {
+    const std::string bad = plan_problem(plan);
+    if (!bad.empty()) return bad;
+  }
+  Buffer<float> ws(plan.workspace_floats, 0);
+  ws.fill_nan();
+  Buffer<int> counters(static_cast<size_t>(plan.counters), 0);
+  for (size_t i = 0; i < counters.size(); ++i) counters[i] = 0;
+
+  const cudaError_t err =
+      lrkernels::cuda::launch_int8_mma(args, plan, ws.data(), counters.data(), nullptr);
   if (!expect_ok) {
     if (err != cudaErrorInvalidValue)
       return "expected cudaErrorInvalidValue, got " + std::to_string(err);
@@ -88,37 +151,120 @@ std::string run(const drv::Case& c, std::string* stats) {
     return "";
   }
   if (err != cudaSuccess) return "launch returned cudaError " + std::to_string(err);
+  for (size_t i = 0; i < counters.size(); ++i) {
+    if (counters[i] != 0) return "a split-K counter was not reset";
+  }
+  if (c.num("det", 0) != 0) {  // a second launch (another block order) gives the same bits
+    std::vector<T> first(y.data(), y.data() + y.size());
+    y.fill_nan();
+    ws.fill_nan();
+    const cudaError_t err2 =
+        lrkernels::cuda::launch_int8_mma(args, plan, ws.data(), counters.data(), nullptr);
+    if (err2 != cudaSuccess) return "second launch failed";
+    if (std::memcmp(first.data(), y.data(), y.size() * sizeof(T)) != 0) {
+      return "not deterministic: two launches differ";
+    }
+  }
 
   drv::Checker check(drv::tolerance<T>(), vals.exact());  // before the O(N·K) W (plan mode)
-  // W in float64: float(q) * s rounded to float32 (exact for dist=int), then to T on the tensor
-  // cores.
-  std::vector<double> w(N * K);
+  // Reference: W as the kernel uses it.
+  const bool rounded_w = G > 0 || tr;
+  std::vector<double> w(static_cast<size_t>(N * K));
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t k = 0; k < K; ++k) {
-      const float v =
-          static_cast<float>(q[n * K + k]) * drv::to_f(s[n * groups + (G > 0 ? k / G : 0)]);
-      w[n * K + k] = path == "tc" ? drv::round_to<T>(v) : v;
+      const float sv = s[n * groups + (G > 0 ? k / G : 0)];
+      const float qs = static_cast<float>(q[n * K + k]) * (rounded_w ? sv : 1.f);
+      w[n * K + k] = rounded_w ? drv::round_to<T>(qs) : qs;
     }
   }
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t o = 0; o < out_cols; ++o) {
-      const double bias = has_bias ? drv::to_f(b[o]) : 0.0;
-      double sum = bias, scale = std::fabs(bias);
-      for (int64_t r = 0; r < in_cols; ++r) {
-        const double p = double(drv::to_f(a[m * in_cols + r])) * (tr ? w[r * K + o] : w[o * K + r]);
+    for (int64_t o = 0; o < C; ++o) {
+      double sum = 0, scale = 0;
+      for (int64_t r = 0; r < R; ++r) {
+        const double p = double(drv::to_f(a[m * lda + r])) * (tr ? w[r * K + o] : w[o * K + r]);
         sum += p;
         scale += std::fabs(p);
       }
+      if (!tr && G == 0) {  // per-channel scale in the epilogue
+        sum *= s[o];
+        scale *= s[o];
+      }
+      const double bias = has_bias ? drv::to_f(b[o]) : 0.0;
+      sum += bias;
+      scale += std::fabs(bias);
       check.require_exact_range(scale, 0.25);  // dist=int: scales >= 1/4
-      check.add("y[" + std::to_string(m) + "," + std::to_string(o) + "]",
-                drv::to_f(y[m * out_cols + o]), drv::round_to<T>(sum), scale);
+      check.add("y[" + std::to_string(m) + "," + std::to_string(o) + "]", drv::to_f(y[m * ldy + o]),
+                drv::round_to<T>(sum), scale);
+    }
+    for (int64_t o = C; o < ldy; ++o) {
+      if (!std::isnan(drv::to_f(y[m * ldy + o]))) check.fail("padding of y written");
     }
   }
-  if (!a.unchanged() || !q.unchanged() || !s.unchanged() || !b.unchanged()) {
+  if (!a.unchanged() || !qp.unchanged() || !sk.unchanged() || !b.unchanged()) {
     check.fail("an input was modified");
   }
+  *stats = check.summary() + " (bm " + std::to_string(plan.bm) + ", splits " +
+           std::to_string(plan.splits) + ", grid " + std::to_string(plan.grid) + ")";
+  return check.ok() ? "" : *stats;
+}
+
+template <class T>
+std::string run_dequant(const drv::Case& c, std::string* stats) {
+  const int64_t N = c.num("N"), K = c.num("K"), G = c.num("group", 0);
+  const bool expect_ok = c.str("expect", "ok") == "ok";
+  const bool group_major = c.str("smajor", "n") == "g";
+  drv::Values vals(c.str("dist", "real"), static_cast<uint64_t>(c.num("seed", 1)));
+  const int64_t groups = G > 0 ? K / G : 1;
+  std::vector<int8_t> q(static_cast<size_t>(N * K));
+  for (auto& v : q) v = static_cast<int8_t>(static_cast<int>(vals.rng()() % 255) - 127);
+  Buffer<int8_t> qp(static_cast<size_t>((N + 31) / 32 * 32 * K), c.misaligned('q'));
+  if (K % 16 == 0) pack_layout2(q.data(), N, K, qp.data());
+  qp.snapshot();
+  Buffer<T> s(static_cast<size_t>(N * groups), c.misaligned('s')),
+      w(static_cast<size_t>(N * K), c.misaligned('y'));
+  for (size_t i = 0; i < s.size(); ++i) s[i] = drv::from_f<T>((0.5f + std::fabs(vals.next())) / 64);
+  s.snapshot();
+  w.fill_nan();
+  Int8DequantArgs args{};
+  args.qpacked = qp.data();
+  args.scales = s.data();
+  args.s_stride_n = group_major ? 1 : groups;
+  args.s_stride_g = group_major ? N : 1;
+  args.w = w.data();
+  args.ldw = K;
+  args.N = N;
+  args.K = K;
+  args.group_size = G;
+  args.dtype = api_dtype<T>();
+  const cudaError_t err = lrkernels::cuda::launch_int8_dequantize(args, nullptr);
+  if (!expect_ok) {
+    if (err != cudaErrorInvalidValue)
+      return "expected cudaErrorInvalidValue, got " + std::to_string(err);
+    *stats = "rejected as expected";
+    return "";
+  }
+  if (err != cudaSuccess) return "launch returned cudaError " + std::to_string(err);
+  drv::Checker check(0.0, true);  // one rounding of an exact float32 product: bitwise
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t gr = G > 0 ? k / G : 0;
+      const float sv = drv::to_f(s[n * args.s_stride_n + gr * args.s_stride_g]);
+      const double want = drv::round_to<T>(static_cast<float>(q[n * K + k]) * sv);
+      check.add("w[" + std::to_string(n) + "," + std::to_string(k) + "]", drv::to_f(w[n * K + k]),
+                want, std::fabs(want));
+    }
+  }
+  if (!qp.unchanged() || !s.unchanged()) check.fail("an input was modified");
   *stats = check.summary();
   return check.ok() ? "" : check.summary();
+}
+
+template <class T>
+std::string run(const drv::Case& c, std::string* stats) {
+  const std::string op = c.str("op", "mma");
+  if (op == "mma") return run_mma<T>(c, stats);
+  if (op == "dequant") return run_dequant<T>(c, stats);
+  return "unknown op " + op;
 }
 
 }  // namespace
@@ -127,6 +273,18 @@ int main() {
   return drv::main_loop([](const drv::Case& c, std::string* stats) {
     switch (drv::parse_dtype(c.str("dtype"))) {
       case drv::DType::kF32:
+        if (c.str("op", "mma") == "mma") {  // the tensor-core kernels take 16-bit dtypes only
+          Int8MmaArgs args{};
+          args.dtype = Int8DType::kFloat32;
+          args.M = 1;
+          args.N = 8;
+          args.K = 16;
+          const Int8MmaPlan plan = lrkernels::cuda::int8_mma_plan(args, 1);
+          const cudaError_t err =
+              lrkernels::cuda::launch_int8_mma(args, plan, nullptr, nullptr, nullptr);
+          *stats = "float32 rejected";
+          return err == cudaErrorInvalidValue ? std::string() : std::string("float32 accepted");
+        }
         return run<float>(c, stats);
       case drv::DType::kF16:
         return run<__half>(c, stats);

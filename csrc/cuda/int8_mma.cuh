@@ -1,0 +1,508 @@
+// The tensor-core kernel family of the int8 weight-only ops (float16 / bfloat16 activations,
+// every M, both directions), included by int8_mma_fwd.cu and int8_mma_tr.cu:
+//   forward    (kTrans = false): y (M, N) = x (M, K) · Wᵀ + bias
+//   transposed (kTrans = true):  dx (M, K) = dy (M, N) · W            (the input gradient)
+// W[n, k] = q[n, k] · s, q read in the packed layout 2 (int8_kernels.cuh, lrkernels/quant.py).
+//
+// Structure (per CTA: a tile of kBM rows x 128 output columns, a slice of the reduction):
+//   * A 4-stage cp.async pipeline streams, per step of 64 along the reduction, the activation
+//     tile (kBM x 64, 16-bit, rows XOR-swizzled by 16-byte chunk), the int8 weight tile (16
+//     packed units = 8 KiB: forward 128 n x 64 k, transposed 64 n x 128 k; contiguous runs of
+//     2-4 KiB in global memory) and, when needed, the scales of that step (group scales:
+//     group-major rows of 128 n (forward) or 64 n (transposed); per-channel scales of the
+//     transposed product). Three stages are in flight while the fourth is consumed.
+//   * Activation fragments: ldmatrix.x4 (the mma A operand, rows padded to 16 with zeros).
+//   * Weight fragments, forward: one 16-byte shared load per lane per 32 x 16 unit gives the
+//     lane exactly its B registers for 4 n8 tiles (the packed record); each 4-byte word becomes
+//     two 16-bit registers by byte permutes (common/int8_convert.cuh), no conversion instruction.
+//     Group scales multiply the pairs (HMUL2, one rounding: round(q · s), the dequantize-then-
+//     matmul numerics), loaded once per group from the staged tile; per-channel scales are
+//     applied in the epilogue to the float32 sums (s · Σ x·q: one rounding less than the
+//     reference).
+//   * Weight fragments, transposed: the B operand is W itself (4 rows n x 1 column k per lane);
+//     those bytes sit in the records of lanes 2t and 2t + 1, so a lane reads two 16-byte records
+//     per unit (2 n16 halves x 2 k8 tiles of fragments) and gathers its bytes with 4 PRMT per 8
+//     weights. Scales (per n, or per (n, group)) multiply the pairs as above.
+//     Shared-memory records are placed at slot L ^ (L >> 3) within their 8-record row, which
+//     makes both the forward (lanes 8i..8i+7 read records 8i..8i+7) and the transposed reads
+//     (records 8t + x for t = 0..3) free of bank conflicts.
+//   * mma.sync.m16n8k16 with float32 accumulators; 4 warps side by side along the columns, warp
+//     tile kBM x 32 (kBM = 16 for M <= 16, else 64).
+//   * Split-K in one launch: each of `splits` CTAs of a tile writes its float32 partial sums (in
+//     fragment order: coalesced, rows >= M skipped) to the workspace, then increments the tile's
+//     counter; the last one adds all partials in split order 0, 1, ... (its own from registers):
+//     deterministic, no atomics on values. It resets the counter for the next launch.
+//   * Epilogue from registers: (per-channel scale,) bias, one rounding, 32-bit pair stores.
+//
+// Expected performance (H100/H200 SXM, bf16, 4.3 TB/s copy, ~660 TFLOP/s mma.sync; to be
+// confirmed by bench/int8.py): the weight is read once, 1 byte per weight (+ 1/16-1/64 for group
+// scales); at M <= 16 the kernels are bound by that stream: M = 1, 8192^2: ~16 us + ~2 us launch
+// and tail = ~88% of copy bandwidth; M <= 16 vs bf16 F.linear (2 bytes per weight): ~1.8x at
+// 8192^2, ~1.5x at 4096^2 (launch overhead weighs more). At M = 64 the MMAs and the conversion
+// (bf16: ~3 instructions per weight, amortised over the 4 m16 tiles of a warp) take about as long
+// as the stream: ~1.3x. At M = 4096 mma.sync reaches at best ~2/3 of cuBLAS's wgmma rate: ~0.6x,
+// so large M goes to dequantize + cuBLAS (lrkernels/ops/int8.py, expected ~0.93x).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/convert.cuh"
+#include "common/int8_convert.cuh"
+#include "common/ptx.cuh"
+#include "common/util.cuh"
+#include "int8_kernels.cuh"
+
+namespace lrkernels {
+namespace cuda {
+namespace int8_mma {
+
+constexpr int kBK = kInt8MmaBK;  // reduction per stage: 4 k16 steps
+constexpr int kStages = kInt8MmaStages;
+constexpr int kBN = kInt8MmaBN;     // output columns per tile
+constexpr int kUnitBytes = 512;     // one packed unit: 32 rows x 16 columns
+constexpr int kUnitsPerStage = 16;  // forward 4 x 4, transposed 2 x 8
+constexpr int kScaleBytes = 512;    // staged scales per stage (<= 256 values)
+
+template <int kBM>
+struct Cfg {
+  static_assert(kBM == 16 || kBM == 64, "16- or 64-row tiles");
+  static constexpr int kWM = 1;  // warps along M
+  static constexpr int kWN = 4;  // warps along the output columns, 32 each
+  static constexpr int kThreads = 32 * kWM * kWN;
+  static constexpr int kFM = kBM / (16 * kWM);  // m16 tiles per warp: 1 or 4
+  static constexpr int kMinBlocks = kBM == 16 ? 4 : 3;
+  static constexpr int kABytes = kBM * kBK * 2;
+  static constexpr int kWBytes = kUnitsPerStage * kUnitBytes;
+  static constexpr int kStageBytes = kABytes + kWBytes + kScaleBytes;
+  static constexpr int kSmemBytes = kStageBytes * kStages;
+  static_assert(kWBytes == kBN * kBK, "a stage holds 128 x 64 weights");
+};
+
+template <typename T>
+struct Params {
+  const T* a;  // (M, R), row stride lda
+  int64_t lda;
+  const int8_t* q;  // packed units
+  int64_t nbs;      // row units: ceil(N / 32)
+  int64_t kbs;      // column units: K / 16
+  const T* s;       // scales (see int8_kernels.cuh)
+  int64_t sld;
+  int64_t groups;  // K / G (group scales), 1 per channel
+  int gshift;      // log2 G (group scales)
+  const T* bias;   // forward only; nullptr: none
+  T* y;
+  int64_t ldy;
+  int64_t M, N, R, C;
+  int64_t n_tiles;
+  int splits;
+  int64_t steps, steps_per_split;
+  float* ws;      // splits > 1: grid x kBM x kBN partial sums
+  int* counters;  // splits > 1: one per tile
+  bool pair_stores;
+};
+
+// Slot of record L of a unit in shared memory (see the header comment).
+__device__ __forceinline__ int record_slot(int rec) {
+  return (rec & ~7) | ((rec & 7) ^ (rec >> 3));
+}
+
+// Byte offset of chunk c (8 elements) of row r of a swizzled activation tile (rows of 64).
+__device__ __forceinline__ int a_chunk_offset(int r, int c) { return (r * 8 + (c ^ (r & 7))) * 16; }
+
+template <typename T>
+__device__ __forceinline__ uint32_t bits16(T v) {
+  return cvt::to_bits(v);
+}
+
+template <typename T, int kBM, bool kTrans, bool kGroup>
+__device__ __forceinline__ void load_stage(const Params<T>& p, unsigned char* base, int64_t st,
+                                           int64_t m0, int64_t c0) {
+  using Cf = Cfg<kBM>;
+  const int tid = static_cast<int>(threadIdx.x);
+  // Activations: kBM rows x 8 chunks; rows >= M and chunks >= R are zero-filled.
+  for (int q = tid; q < kBM * 8; q += Cf::kThreads) {
+    const int r = q >> 3;
+    const int c = q & 7;
+    const int64_t m = m0 + r;
+    const int64_t col = st * kBK + 8 * c;
+    const bool ok = m < p.M && col < p.R;
+    ptx::cp_async_16(base + a_chunk_offset(r, c), ok ? p.a + m * p.lda + col : p.a, ok);
+  }
+  // Weights: 16 units x 32 records.
+  unsigned char* wbase = base + Cf::kABytes;
+  for (int q = tid; q < kUnitsPerStage * 32; q += Cf::kThreads) {
+    const int u = q >> 5;
+    const int rec = q & 31;
+    int64_t nb, kb;
+    if constexpr (kTrans) {
+      nb = st * 2 + (u >> 3);
+      kb = c0 / 16 + (u & 7);
+    } else {
+      nb = c0 / 32 + (u >> 2);
+      kb = st * 4 + (u & 3);
+    }
+    const bool ok = nb < p.nbs && kb < p.kbs;
+    const int8_t* src = ok ? p.q + (nb * p.kbs + kb) * kUnitBytes + rec * 16 : p.q;
+    ptx::cp_async_16(wbase + u * kUnitBytes + record_slot(rec) * 16, src, ok);
+  }
+  // Scales: forward group scales of this step (1 group, or 2 for G = 32) x 128 n; transposed
+  // scales of the 64 n of this step x the tile's groups (128 / G of them; 1 per channel).
+  if constexpr (kGroup || kTrans) {
+    T* sbase = reinterpret_cast<T*>(base + Cf::kABytes + Cf::kWBytes);
+    constexpr int kRowChunks = kTrans ? 8 : 16;
+    const int rows = kTrans ? (kGroup ? kBN >> p.gshift : 1) : (p.gshift == 5 ? 2 : 1);
+    for (int q = tid; q < rows * kRowChunks; q += Cf::kThreads) {
+      const int i = q / kRowChunks;
+      const int c = q % kRowChunks;
+      int64_t grp, n;
+      if constexpr (kTrans) {
+        grp = kGroup ? (c0 >> p.gshift) + i : 0;
+        n = st * kBK + 8 * c;
+      } else {
+        grp = ((st * kBK) >> p.gshift) + i;
+        n = c0 + 8 * c;
+      }
+      const bool ok = n < p.N && grp < p.groups;
+      ptx::cp_async_16(sbase + i * (kRowChunks * 8) + 8 * c, ok ? p.s + grp * p.sld + n : p.s, ok);
+    }
+  }
+}
+
+template <typename T, int kBM>
+__device__ __forceinline__ void load_a_fragments(uint32_t a_base, int row0, int chunk0,
+                                                 uint32_t (&af)[Cfg<kBM>::kFM][4]) {
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+#pragma unroll
+  for (int i = 0; i < Cfg<kBM>::kFM; ++i) {
+    const int row = row0 + 16 * i + (lane & 15);
+    ptx::ldmatrix_x4(af[i], a_base + a_chunk_offset(row, chunk0 + (lane >> 4)));
+  }
+}
+
+template <typename T, int kBM, bool kGroup>
+__device__ __forceinline__ void compute_forward(const Params<T>& p, const unsigned char* base,
+                                                float (&acc)[Cfg<kBM>::kFM][4][4]) {
+  using Cf = Cfg<kBM>;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int wm = warp / Cf::kWN;
+  const int wn = warp % Cf::kWN;
+  const int g = lane >> 2;
+  const uint32_t a_base = ptx::smem_addr(base);
+  const unsigned char* wbase = base + Cf::kABytes;
+  const T* sbase = reinterpret_cast<const T*>(base + Cf::kABytes + Cf::kWBytes);
+  uint32_t sp[4];  // the scale pair of each n8 tile (rows wn * 32 + 8 j + g)
+#pragma unroll
+  for (int kk = 0; kk < kBK / 16; ++kk) {
+    if constexpr (kGroup) {
+      if (kk == 0 || (kk == 2 && p.gshift == 5)) {  // a new group starts (G = 32: every 32)
+        const int gi = p.gshift == 5 ? kk >> 1 : 0;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          sp[j] = i8::broadcast_pair(bits16(sbase[gi * kBN + wn * 32 + 8 * j + g]));
+        }
+      }
+    }
+    uint32_t af[Cf::kFM][4];
+    load_a_fragments<T, kBM>(a_base, wm * 16 * Cf::kFM, 2 * kk, af);
+    const uint4 rec = *reinterpret_cast<const uint4*>(wbase + (wn * 4 + kk) * kUnitBytes +
+                                                      record_slot(lane) * 16);
+    const uint32_t words[4] = {rec.x, rec.y, rec.z, rec.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      uint32_t b0, b1;
+      i8::int8x4_to_pairs<T>(words[j], b0, b1);
+      if constexpr (kGroup) {
+        b0 = i8::mul_pairs<T>(b0, sp[j]);
+        b1 = i8::mul_pairs<T>(b1, sp[j]);
+      }
+#pragma unroll
+      for (int i = 0; i < Cf::kFM; ++i) ptx::mma_m16n8k16<T>(acc[i][j], af[i], b0, b1);
+    }
+  }
+}
+
+template <typename T, int kBM, bool kGroup>
+__device__ __forceinline__ void compute_transposed(const Params<T>& p, const unsigned char* base,
+                                                   float (&acc)[Cfg<kBM>::kFM][4][4]) {
+  using Cf = Cfg<kBM>;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int wm = warp / Cf::kWN;
+  const int wn = warp % Cf::kWN;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const uint32_t a_base = ptx::smem_addr(base);
+  const unsigned char* wbase = base + Cf::kABytes;
+  const T* sbase = reinterpret_cast<const T*>(base + Cf::kABytes + Cf::kWBytes);
+  // Records of forward lanes (2t, g / 2) and (2t + 1, g / 2): rows 2t (+1) + 8 j of the unit,
+  // columns 2 (g / 2) + {0, 1, 8, 9}; this lane wants byte g % 2 (column g) and g % 2 + 2
+  // (column g + 8) of each.
+  const int slot_a = record_slot(8 * t + (g >> 1)) * 16;
+  const int slot_b = record_slot(8 * t + 4 + (g >> 1)) * 16;
+  const uint32_t bp = static_cast<uint32_t>(g & 1);
+  const uint32_t sel = bp | ((4 + bp) << 4) | ((2 + bp) << 8) | ((6 + bp) << 12);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {  // the two 32-row units of the step
+    uint4 ra[2], rb[2];
+#pragma unroll
+    for (int uu = 0; uu < 2; ++uu) {
+      const unsigned char* unit = wbase + (r * 8 + wn * 2 + uu) * kUnitBytes;
+      ra[uu] = *reinterpret_cast<const uint4*>(unit + slot_a);
+      rb[uu] = *reinterpret_cast<const uint4*>(unit + slot_b);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // n16 halves: reduction rows 32 r + 16 h ..
+      uint32_t af[Cf::kFM][4];
+      load_a_fragments<T, kBM>(a_base, wm * 16 * Cf::kFM, 4 * r + 2 * h, af);
+#pragma unroll
+      for (int uu = 0; uu < 2; ++uu) {
+        const uint32_t wa0 = h == 0 ? ra[uu].x : ra[uu].z;  // rows 16 h + 2t
+        const uint32_t wa1 = h == 0 ? ra[uu].y : ra[uu].w;  // rows 16 h + 8 + 2t
+        const uint32_t wb0 = h == 0 ? rb[uu].x : rb[uu].z;
+        const uint32_t wb1 = h == 0 ? rb[uu].y : rb[uu].w;
+        const uint32_t x = __byte_perm(wa0, wb0, sel);  // rows 2t, 2t+1 at columns g, g + 8
+        const uint32_t y = __byte_perm(wa1, wb1, sel);  // rows 2t+8, 2t+9
+        // Scale pairs of rows (2t, 2t+1) and (2t+8, 2t+9) for this unit's group.
+        const int gi = kGroup ? (wn * 32 + uu * 16) >> p.gshift : 0;
+        const T* srow = sbase + gi * kBK + 32 * r + 16 * h + 2 * t;
+        const uint32_t sp0 = *reinterpret_cast<const uint32_t*>(srow);
+        const uint32_t sp1 = *reinterpret_cast<const uint32_t*>(srow + 8);
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {  // k8 tiles: columns 16 uu + 8 c + (0..7)
+          uint32_t b0, b1;
+          i8::int8x4_to_pairs<T>(__byte_perm(x, y, c == 0 ? 0x5410u : 0x7632u), b0, b1);
+          b0 = i8::mul_pairs<T>(b0, sp0);
+          b1 = i8::mul_pairs<T>(b1, sp1);
+#pragma unroll
+          for (int i = 0; i < Cf::kFM; ++i) {
+            ptx::mma_m16n8k16<T>(acc[i][uu * 2 + c], af[i], b0, b1);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int kBM, bool kTrans, bool kGroup>
+__global__ void __launch_bounds__(Cfg<kBM>::kThreads, Cfg<kBM>::kMinBlocks)
+    int8_mma_kernel(const Params<T> p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // bf16 mma and cp.async need sm_80; the launcher never selects this below 8.0
+#else
+  using Cf = Cfg<kBM>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int last_split;
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = warp / Cf::kWN;
+  const int wn = warp % Cf::kWN;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int64_t bid = blockIdx.x;
+  const int split = static_cast<int>(bid % p.splits);
+  const int64_t tile = bid / p.splits;
+  const int64_t m0 = (tile / p.n_tiles) * kBM;
+  const int64_t c0 = (tile % p.n_tiles) * kBN;
+  const int64_t st0 = split * p.steps_per_split;
+  const int nst = static_cast<int>(util::min64(p.steps_per_split, p.steps - st0));
+
+  float acc[Cf::kFM][4][4];
+#pragma unroll
+  for (int i = 0; i < Cf::kFM; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    }
+  }
+
+  // Pipeline: stage `it` lives in slot it % kStages; kStages - 1 stages are in flight.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < nst) load_stage<T, kBM, kTrans, kGroup>(p, smem + s * Cf::kStageBytes, st0 + s, m0, c0);
+    ptx::cp_async_commit();
+  }
+  for (int it = 0; it < nst; ++it) {
+    ptx::cp_async_wait<kStages - 2>();  // this thread's copies of stage `it` have landed
+    __syncthreads();  // everyone's have; everyone is done with the slot refilled below
+    const int next = it + kStages - 1;
+    if (next < nst) {
+      load_stage<T, kBM, kTrans, kGroup>(p, smem + (next % kStages) * Cf::kStageBytes, st0 + next,
+                                         m0, c0);
+    }
+    ptx::cp_async_commit();
+    const unsigned char* stage = smem + (it % kStages) * Cf::kStageBytes;
+    if constexpr (kTrans) {
+      compute_transposed<T, kBM, kGroup>(p, stage, acc);
+    } else {
+      compute_forward<T, kBM, kGroup>(p, stage, acc);
+    }
+  }
+  ptx::cp_async_wait<0>();
+
+  const int64_t row0 = m0 + wm * 16 * Cf::kFM + g;  // + 16 i + 8 half
+  const int64_t col0 = c0 + wn * 32 + 2 * t;        // + 8 j (+ 1)
+
+  if (p.splits > 1) {
+    // Partial sums in fragment order: [i][j][half][thread] float2, rows >= M skipped.
+    const size_t block_floats = static_cast<size_t>(kBM) * kBN;
+    float* mine = p.ws + static_cast<size_t>(bid) * block_floats;
+#pragma unroll
+    for (int i = 0; i < Cf::kFM; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (row0 + 16 * i + 8 * h < p.M) {
+            const size_t off = ((static_cast<size_t>(i * 4 + j) * 2 + h) * Cf::kThreads + tid) * 2;
+            *reinterpret_cast<float2*>(mine + off) =
+                make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+          }
+        }
+      }
+    }
+    __threadfence();  // the partials are visible device-wide before the count says so
+    __syncthreads();
+    if (tid == 0) last_split = atomicAdd(p.counters + tile, 1) == p.splits - 1;
+    __syncthreads();
+    if (!last_split) return;
+    __threadfence();
+    const float* first = p.ws + static_cast<size_t>(tile) * p.splits * block_floats;
+#pragma unroll
+    for (int i = 0; i < Cf::kFM; ++i) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          if (row0 + 16 * i + 8 * h < p.M) {
+            const size_t off = ((static_cast<size_t>(i * 4 + j) * 2 + h) * Cf::kThreads + tid) * 2;
+            float2 sum = make_float2(0.f, 0.f);
+            for (int s = 0; s < p.splits; ++s) {  // fixed order: deterministic
+              const float2 v =
+                  s == split
+                      ? make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1])
+                      : __ldcg(reinterpret_cast<const float2*>(first + s * block_floats + off));
+              sum.x += v.x;
+              sum.y += v.y;
+            }
+            acc[i][j][2 * h] = sum.x;
+            acc[i][j][2 * h + 1] = sum.y;
+          }
+        }
+      }
+    }
+    if (tid == 0) p.counters[tile] = 0;  // ready for the next launch
+  }
+
+  // Epilogue: (per-channel scale,) bias, round, store.
+#pragma unroll
+  for (int i = 0; i < Cf::kFM; ++i) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = row0 + 16 * i + 8 * h;
+      if (row >= p.M) continue;
+      T* yrow = p.y + row * p.ldy;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t col = col0 + 8 * j;
+        if (col >= p.C) continue;
+        const bool second = col + 1 < p.C;
+        float v0 = acc[i][j][2 * h];
+        float v1 = acc[i][j][2 * h + 1];
+        if constexpr (!kTrans) {
+          const float s0 = kGroup ? 1.f : cvt::to_float(p.s[col]);
+          const float s1 = kGroup || !second ? 1.f : cvt::to_float(p.s[col + 1]);
+          const float b0 = p.bias != nullptr ? cvt::to_float(p.bias[col]) : 0.f;
+          const float b1 = p.bias != nullptr && second ? cvt::to_float(p.bias[col + 1]) : 0.f;
+          v0 = fmaf(v0, s0, b0);
+          v1 = fmaf(v1, s1, b1);
+        }
+        if (p.pair_stores && second) {
+          *reinterpret_cast<uint32_t*>(yrow + col) = cvt::pack2<T>(v0, v1);
+        } else {
+          yrow[col] = cvt::from_float<T>(v0);
+          if (second) yrow[col + 1] = cvt::from_float<T>(v1);
+        }
+      }
+    }
+  }
+#endif
+}
+
+template <typename T, int kBM, bool kTrans, bool kGroup>
+cudaError_t launch_config(const Params<T>& p, const Int8MmaPlan& plan, cudaStream_t stream) {
+  auto* kernel = int8_mma_kernel<T, kBM, kTrans, kGroup>;
+  constexpr int kSmem = Cfg<kBM>::kSmemBytes;
+  if (static_cast<size_t>(kSmem) != plan.smem_bytes || Cfg<kBM>::kThreads != plan.threads) {
+    return cudaErrorInvalidValue;  // the plan and the kernel disagree: a bug, not a user error
+  }
+  if (kSmem > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<static_cast<unsigned>(plan.grid), Cfg<kBM>::kThreads, kSmem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, bool kTrans, bool kGroup>
+cudaError_t launch_bm(const Params<T>& p, const Int8MmaPlan& plan, cudaStream_t stream) {
+  switch (plan.bm) {
+    case 16:
+      return launch_config<T, 16, kTrans, kGroup>(p, plan, stream);
+    case 64:
+      return launch_config<T, 64, kTrans, kGroup>(p, plan, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+// Fills Params from checked args (see launch_int8_mma) and launches direction kTrans.
+template <typename T, bool kTrans>
+cudaError_t launch_direction(const Int8MmaArgs& a, const Int8MmaPlan& plan, float* ws,
+                             int* counters, cudaStream_t stream) {
+  Params<T> p;
+  p.a = static_cast<const T*>(a.a);
+  p.lda = a.lda;
+  p.q = a.qpacked;
+  p.nbs = util::ceil_div(a.N, 32);
+  p.kbs = a.K / 16;
+  p.s = static_cast<const T*>(a.scales);
+  p.sld = a.sld;
+  p.groups = a.group_size > 0 ? a.K / a.group_size : 1;
+  p.gshift = a.group_size == 32 ? 5 : (a.group_size == 64 ? 6 : 7);
+  p.bias = kTrans ? nullptr : static_cast<const T*>(a.bias);
+  p.y = static_cast<T*>(a.y);
+  p.ldy = a.ldy;
+  p.M = a.M;
+  p.N = a.N;
+  p.R = kTrans ? a.N : a.K;
+  p.C = kTrans ? a.K : a.N;
+  p.n_tiles = plan.n_tiles;
+  p.splits = plan.splits;
+  p.steps = plan.steps;
+  p.steps_per_split = plan.steps_per_split;
+  p.ws = ws;
+  p.counters = counters;
+  p.pair_stores = (reinterpret_cast<uintptr_t>(a.y) & 3u) == 0 && a.ldy % 2 == 0;
+  return a.group_size > 0 ? launch_bm<T, kTrans, true>(p, plan, stream)
+                          : launch_bm<T, kTrans, false>(p, plan, stream);
+}
+
+// The direction-specific entry points (int8_mma_fwd.cu, int8_mma_tr.cu).
+cudaError_t launch_forward(const Int8MmaArgs& a, const Int8MmaPlan& plan, float* ws, int* counters,
+                           cudaStream_t stream);
+cudaError_t launch_transposed(const Int8MmaArgs& a, const Int8MmaPlan& plan, float* ws,
+                              int* counters, cudaStream_t stream);
+
+}  // namespace int8_mma
+}  // namespace cuda
+}  // namespace lrkernels
