@@ -46,6 +46,7 @@ using std::fmaf;  // device fmaf: one rounding, like std::fmaf
 #define __shfl_down_sync emu::shfl_down_sync
 #define __shfl_sync emu::shfl_sync
 #define __ldg emu::ldg
+#define __ldcg emu::ldg
 #define __uint_as_float emu::uint_as_float
 #define __float_as_uint emu::float_as_uint
 #define __fmul_rn emu::fmul_rn
@@ -65,3 +66,4 @@ using std::fmaf;  // device fmaf: one rounding, like std::fmaf
 #define cudaGetDevice emu::get_device
 #define cudaDeviceGetAttribute emu::device_get_attribute
 #define cudaFuncSetAttribute emu::func_set_attribute
+#define cudaLaunchKernelEx emu::launch_kernel_ex
