@@ -32,7 +32,7 @@ DType api_dtype() {
   return DType::kBFloat16;
 }
 
-std::string describe(const LowRankPlan& p) {
+std::string describe(const LowRankPlan& p, const LowRankArgs& a, int sms) {
   const char* tiles[] = {"16", "64", "128"};
   std::string s = p.path == Path::kTensorCore ? "tc" : "gemv";
   if (p.path == Path::kTensorCore) {
@@ -46,6 +46,12 @@ std::string describe(const LowRankPlan& p) {
        std::to_string(static_cast<int>(p.v_layout)) + std::to_string(static_cast<int>(p.u_layout)) +
        " ws=" + std::to_string(lrkernels::cuda::workspace_bytes(p)) +
        " counters=" + std::to_string(p.counters);
+  if (p.path == Path::kTensorCore) {  // the planner's cost model (microseconds, H200 figures)
+    namespace pd = lrkernels::cuda::plan_detail;
+    const double down = pd::down_cost_us(a.M, a.in, a.rank, p.down_tile, p.splits, sms);
+    const double up = pd::up_cost_us(a.M, a.out, p.ldt, p.up_tile, sms);
+    s += " model_down_us=" + std::to_string(down) + " model_up_us=" + std::to_string(up);
+  }
   return s;
 }
 
@@ -88,7 +94,7 @@ std::string run(const drv::Case& c, std::string* stats) {
   if (c.str("mode", "run") == "plan") {
     alignas(16) static unsigned char fake[16];
     args.x = args.U = args.V = args.y = fake;
-    *stats = describe(lrkernels::cuda::plan_lowrank(args, caps, options(c)));
+    *stats = describe(lrkernels::cuda::plan_lowrank(args, caps, options(c)), args, caps.num_sms);
     return "";
   }
 
@@ -179,8 +185,8 @@ std::string run(const drv::Case& c, std::string* stats) {
   if (!x.unchanged() || !U.unchanged() || !V.unchanged() || !b.unchanged()) {
     check.fail("an input was modified");
   }
-  *stats = describe(plan) + " | " + check.summary();
-  return check.ok() ? "" : check.summary() + " [" + describe(plan) + "]";
+  *stats = describe(plan, args, caps.num_sms) + " | " + check.summary();
+  return check.ok() ? "" : check.summary() + " [" + describe(plan, args, caps.num_sms) + "]";
 }
 
 }  // namespace
