@@ -74,7 +74,8 @@ __global__ void __launch_bounds__(S::kThreads, S::kMinBlocks)
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
       const int64_t n = col0 + wn0 + ni * 8 + 2 * tq + q;
-      bias_v[ni][q] = (p.bias != nullptr && n < out) ? cvt::to_float(p.bias[n]) : 0.f;
+      // Through L2 like U's cp.async.cg: no L1 line of an earlier kernel can be stale here.
+      bias_v[ni][q] = (p.bias != nullptr && n < out) ? cvt::to_float(__ldcg(p.bias + n)) : 0.f;
     }
   }
 
