@@ -92,78 +92,90 @@ def run_cases(exe: Path, cases: list[str], timeout: float = 600) -> None:
 
 # ------------------------------------------------------------------------------------ low-rank
 
-# (M, in, out, rank) + extra keys. gemv: several splits of `in`, scalar paths (misaligned or odd
-# lengths), two or three row chunks (M > 16), several x tiles and rank chunks (rank > 512 at
-# M = 16), the 16-bit fallback for rank > 512.
-LOWRANK_GEMV = [
-    "M=1 in=45 out=29 rank=7",
-    "M=1 in=4096 out=64 rank=16",
-    "M=1 in=4099 out=64 rank=16 mis=xUVby",
-    "M=3 in=1000 out=33 rank=9 bias=0",
-    "M=16 in=1500 out=40 rank=600 sms=8",
-    "M=16 in=64 out=40 rank=600 sms=8 mis=U",
-    "M=17 in=45 out=29 rank=7",
-    "M=37 in=45 out=29 rank=7 mis=xy",
-    "M=40 in=9 out=70 rank=33 bias=0",
-    "M=5 in=1 out=1 rank=1",
-    "M=2 in=8 out=8 rank=8",
-    "M=20 in=300 out=50 rank=1100",
-    "M=33 in=3000 out=20 rank=40 sms=1",
-    "M=0 in=8 out=8 rank=8",
-]
-# fused: rank 1 .. 512 (several phase-1 passes, partial last pass, opt-in shared memory), several
-# row tiles, several splits, several output tiles per split, in = 1 and 4099, scalar paths.
-LOWRANK_FUSED = [
+# Tensor-core path (float16 / bfloat16; the planner's choice unless forced by tile=0|1|2 for the
+# 16 / 64 / 128 tiles and splits=N): odd sizes (element loads), rank 1, rank 512+, every tile with
+# split K and the last block's reduction (repeat=2 reuses the counters it must leave zeroed),
+# transposed factors read in place (vt/ut: ldmatrix.trans) or strided (pads), padded rows of x,
+# misaligned bases, in = 1, M = 0, the planner's own split counts at decode sizes, no PDL on
+# sm_80 (cc=8).
+LOWRANK_TC = [
+    "M=1 in=64 out=40 rank=8",
     "M=37 in=45 out=29 rank=7",
     "M=37 in=45 out=29 rank=7 bias=0 mis=xUVby",
-    "M=17 in=8 out=16 rank=16 bias=0",
     "M=17 in=1 out=1 rank=1",
-    "M=64 in=64 out=64 rank=64",
-    "M=65 in=130 out=130 rank=129 mis=V",
-    "M=130 in=40 out=200 rank=24 sms=3",
-    "M=20 in=48 out=600 rank=40 sms=3",
-    "M=20 in=48 out=300 rank=40",
-    "M=33 in=72 out=70 rank=136",
-    "M=70 in=100 out=37 rank=512",
-    "M=18 in=37 out=8 rank=500 bias=0",
-    "M=20 in=4099 out=40 rank=8 mis=y",
+    "M=5 in=1 out=3 rank=1",
+    "M=16 in=520 out=65 rank=33 splits=5 repeat=2",
+    "M=40 in=480 out=70 rank=130 tile=1 splits=5 repeat=2",
+    "M=129 in=200 out=136 rank=136 tile=2 splits=3",
+    "M=65 in=130 out=130 rank=129 tile=1",
+    "M=33 in=96 out=72 rank=40 vt=1 ut=1 tile=2",
+    "M=33 in=96 out=72 rank=40 vt=1 ut=1",
+    "M=70 in=200 out=72 rank=64 vt=1 ut=1 tile=1 splits=2",
+    "M=33 in=96 out=72 rank=40 vt=1 ut=1 vpad=3 upad=5",
+    "M=20 in=64 out=48 rank=16 xpad=8 vpad=8 upad=8",
+    "M=20 in=64 out=48 rank=16 xpad=3",
+    "M=17 in=37 out=8 rank=600",
+    "M=3 in=4099 out=40 rank=8 mis=xUVby",
+    "M=2 in=2048 out=8 rank=8 splits=64",
+    "M=1 in=4096 out=64 rank=128",
+    "M=8 in=2048 out=64 rank=256",
+    "M=2 in=8 out=8 rank=8 cc=8",
     "M=0 in=8 out=8 rank=8",
 ]
-# Rounded inputs (tolerance instead of exact match): long sums, rank chunks, the largest rank.
+# CUDA-core path: float32 at every M, 16-bit below sm_80 (cc=7) or forced (path=gemv); several
+# splits of `in`, element loads (odd lengths, misaligned), several row chunks, rank > 256.
+LOWRANK_GEMV = [
+    "M=1 in=4099 out=64 rank=16",
+    "M=3 in=1000 out=33 rank=9 bias=0",
+    "M=16 in=700 out=40 rank=300 sms=8",
+    "M=17 in=45 out=29 rank=7 mis=xUVby",
+    "M=40 in=9 out=70 rank=33",
+    "M=5 in=1 out=1 rank=1",
+    "M=20 in=100 out=50 rank=300",
+    "M=9 in=1024 out=24 rank=16 splits=16 repeat=2",
+    "M=12 in=64 out=24 rank=16 xpad=8",
+    "M=0 in=8 out=8 rank=8",
+]
+# Rounded inputs (tolerance instead of exact match): long sums, many splits, the largest ranks.
 LOWRANK_REAL = [
-    "path=gemv dtype=f32 M=1 in=4099 out=64 rank=16",
-    "path=gemv dtype=bf16 M=16 in=1500 out=40 rank=600 sms=8",
-    "path=fused dtype=f16 M=70 in=100 out=37 rank=512",
-    "path=fused dtype=bf16 M=20 in=4099 out=40 rank=8",
+    "dtype=f32 M=1 in=4099 out=64 rank=16",
+    "dtype=bf16 M=70 in=100 out=37 rank=512",
+    "dtype=f16 M=20 in=4099 out=40 rank=8",
+    "dtype=bf16 M=8 in=4096 out=64 rank=128",
+    "dtype=f16 M=130 in=512 out=64 rank=64 tile=2 splits=4",
+    "dtype=bf16 M=16 in=600 out=40 rank=300 path=gemv",
 ]
 LOWRANK_INVALID = [
-    "path=fused dtype=f32 M=20 in=8 out=8 rank=8 expect=invalid",
-    "path=fused dtype=f16 M=20 in=8 out=8 rank=513 expect=invalid",
-    "path=gemv dtype=f16 M=2 in=0 out=8 rank=8 expect=invalid",
+    "dtype=f32 M=2 in=16 out=8 rank=8 vt=1 expect=invalid",  # the float32 path reads row-major
+    "dtype=f16 M=2 in=0 out=8 rank=8 expect=invalid",
 ]
 
 
 def lowrank_fixed() -> list[str]:
-    cases = [
-        f"path=gemv dtype={d} {c} dist=int" for d in ("f32", "f16", "bf16") for c in LOWRANK_GEMV
-    ]
-    cases += [f"path=fused dtype={d} {c} dist=int" for d in ("f16", "bf16") for c in LOWRANK_FUSED]
+    cases = [f"dtype={d} {c} dist=int" for d in ("f16", "bf16") for c in LOWRANK_TC]
+    cases += [f"dtype=f32 {c} dist=int" for c in LOWRANK_GEMV]
+    cases += [f"dtype={d} {c} cc=7 dist=int" for d in ("f16", "bf16") for c in LOWRANK_GEMV[:4]]
     return cases + [c + " dist=real" for c in LOWRANK_REAL] + LOWRANK_INVALID
 
 
 def lowrank_sweep(rng: random.Random, n: int) -> list[str]:
     cases = []
     for i in range(n):
-        fused = i % 2 == 0
+        fp32 = i % 4 == 3
         case = {
-            "path": "fused" if fused else "gemv",
-            "dtype": rng.choice(["f16", "bf16"] if fused else ["f32", "f16", "bf16"]),
-            "M": rng.choice([17, 31, 63, 64, 65, 100] if fused else [1, 2, 7, 15, 16, 17, 33]),
-            "in": rng.choice([1, 3, 8, 16, 31, 32, 33, 40, 64, 65, 96, 520]),
+            "dtype": "f32" if fp32 else rng.choice(["f16", "bf16"]),
+            "M": rng.choice([1, 2, 7, 16, 17, 31, 64, 65, 100, 130]),
+            "in": rng.choice([1, 3, 8, 16, 31, 32, 33, 40, 64, 65, 96, 520, 1100]),
             "out": rng.choice([1, 5, 8, 63, 64, 65, 127, 136, 257]),
             "rank": rng.choice([1, 2, 8, 15, 16, 17, 31, 33, 64, 127, 128, 130, 257]),
             "bias": rng.randrange(2),
             "sms": rng.choice([1, 2, 5, 132]),
+            "splits": rng.choice([0, 0, 1, 2, 3, 5, 9]),
+            "tile": -1 if fp32 else rng.choice([-1, -1, 0, 1, 2]),
+            "vt": 0 if fp32 else rng.randrange(2),
+            "ut": 0 if fp32 else rng.randrange(2),
+            "vpad": 0 if fp32 else rng.choice([0, 0, 3, 8]),
+            "xpad": rng.choice([0, 0, 1, 8]),
             "mis": rng.choice(["-", "-", "xUVby", "x", "U", "y"]),
             "dist": rng.choice(["int", "real"]),
             "seed": rng.randrange(2**31),
@@ -172,13 +184,14 @@ def lowrank_sweep(rng: random.Random, n: int) -> list[str]:
     return cases
 
 
-# Small shapes that still reach every barrier-separated phase (tiles, chunks, passes, splits).
+# Small shapes that still reach every barrier-separated phase and the inter-block reduction
+# (partials written by other blocks, ordered by the counter's atomics).
 LOWRANK_TSAN = [
-    "path=gemv dtype=f16 M=1 in=1100 out=40 rank=9",
-    "path=gemv dtype=bf16 M=17 in=45 out=29 rank=7 mis=xUVby",
-    "path=gemv dtype=f32 M=16 in=600 out=8 rank=520 sms=1",
-    "path=fused dtype=f16 M=17 in=70 out=130 rank=136 sms=1",
-    "path=fused dtype=bf16 M=65 in=40 out=20 rank=24 mis=xUVby",
+    "dtype=f16 M=17 in=300 out=40 rank=40 splits=3",
+    "dtype=bf16 M=65 in=130 out=70 rank=72 tile=1 splits=2 vt=1 ut=1",
+    "dtype=f16 M=20 in=64 out=48 rank=24 tile=2 mis=xUVby",
+    "dtype=f32 M=9 in=300 out=40 rank=9 splits=3",
+    "dtype=bf16 M=5 in=45 out=29 rank=7 cc=7 mis=xUVby",
 ]
 
 
@@ -187,11 +200,27 @@ def test_lowrank_asan_fixed():
 
 
 def test_lowrank_asan_sweep():
-    run_cases(binary("lowrank", "asan"), lowrank_sweep(random.Random(random.randrange(2**31)), 24))
+    run_cases(binary("lowrank", "asan"), lowrank_sweep(random.Random(random.randrange(2**31)), 16))
 
 
 def test_lowrank_tsan():
     run_cases(binary("lowrank", "tsan"), [c + " dist=int" for c in LOWRANK_TSAN])
+
+
+def test_lowrank_plans_fill_the_gpu():
+    """The planner's choices at the benchmark's shapes (132 SMs): every split count it picks is
+    one the cases above run; the first kernel gets >= 48 blocks (decode: the V stream spread
+    over the GPU), at most 64 slices, and a workspace (t + partials) of at most 16 MiB."""
+    shapes = [(M, f, r) for f in (4096, 8192) for r in (64, 128, 256) for M in (1, 16, 64, 1024)]
+    lines = [f"dtype=bf16 M={M} in={f} out={f} rank={r} mode=plan" for M, f, r in shapes]
+    proc = run_binary(binary("lowrank", "asan"), "\n".join(lines) + "\n")
+    plans = [ln for ln in proc.stdout.splitlines() if ln.startswith("ok ")]
+    assert len(plans) == len(lines), proc.stdout + proc.stderr[-2000:]
+    for line in plans:
+        fields = dict(kv.split("=") for kv in line.split("|")[1].split() if "=" in kv)
+        assert int(fields["down_blocks"]) >= 48, line
+        assert 1 <= int(fields["splits"]) <= 64, line
+        assert int(fields["ws"]) <= 16 * 2**20, line
 
 
 # ---------------------------------------------------------------------------------------- int8
@@ -404,11 +433,11 @@ def test_emulation_catches_a_missing_barrier():
     shutil.copytree(emu_build.source_dir(), mutated, dirs_exist_ok=True)
     gemv = mutated / "lowrank_gemv.cu"
     text = (emu_build.source_dir() / "lowrank_gemv.cu").read_text()
-    site = re.search(r"xs\[m \* width \+ c\] = [^;]*;\s*\}\s*(__syncthreads\(\);)", text)
+    site = re.search(r"dst\[c \+ q\] = v\[q\];\s*\}\s*\}\s*(__syncthreads\(\);)", text)
     assert site, "mutation site (barrier after staging x in the down kernel) moved: update"
     gemv.write_text(text[: site.start(1)] + ";" + text[site.end(1) :])
     binary("lowrank", "tsan")  # skips without a toolchain; shares its cached objects
     exe = emu_build.build("lowrank", "tsan", src_dir=mutated)
-    proc = run_binary(exe, "path=gemv dtype=f16 M=2 in=64 out=8 rank=8 dist=int\n")
+    proc = run_binary(exe, "dtype=f32 M=2 in=64 out=8 rank=8 dist=int\n")
     assert proc.returncode != 0, "the missing barrier went unnoticed"
     assert "ThreadSanitizer: data race" in proc.stderr, proc.stderr[-3000:]

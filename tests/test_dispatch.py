@@ -91,12 +91,15 @@ def test_rules_without_a_table_row():
     lowrank = dispatch.hooks("lowrank_linear").rule
     for device in ("cuda", "cpu"):
         order, why = lowrank(device, "bfloat16", {"M": 16, "in": 4096, "out": 4096, "rank": 128})
-        assert order == ("torch",) and why
+        assert order == (("cuda", "torch") if device == "cuda" else ("torch",)) and why
+    big = {"M": 8192, "in": 4096, "out": 4096, "rank": 128}
+    assert lowrank("cuda", "bfloat16", big)[0] == ("torch",)
+    assert lowrank("cuda", "float16", {**big, "M": 64})[0] == ("cuda", "triton", "torch")
     int8 = dispatch.hooks("int8_linear").rule
     f = {"in": 4096, "out": 4096, "scales": "channel"}
     assert int8("cuda", "bfloat16", {**f, "M": 1})[0] == ("cuda", "triton")
-    assert int8("cuda", "bfloat16", {**f, "M": 64})[0] == ("triton", "cuda")
-    assert int8("cuda", "bfloat16", {**f, "M": 4096})[0] == ("torch",)
+    assert int8("cuda", "bfloat16", {**f, "M": 64})[0] == ("cuda", "triton")
+    assert int8("cuda", "bfloat16", {**f, "M": 4096})[0] == ("cuda", "torch")
     assert int8("cpu", "float32", {**f, "M": 1})[0] == ("torch",)
     attn = dispatch.hooks("block_sparse_attention").rule
     f = {"D": 64, "Sq": 256, "Sk": 256, "keys": 64, "mode": "infer"}

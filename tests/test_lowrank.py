@@ -23,7 +23,8 @@ SHAPES = [
     ((2, 0, 3), 8, 8, 2),
     ((), 19, 23, 3),
     ((5,), 40, 48, 70),  # rank above in/out (valid, if wasteful)
-    ((17,), 64, 72, 20),  # just past the small-M path's 16 rows
+    ((17,), 64, 72, 20),  # two row tiles of the 16-row tensor-core tile
+    ((9,), 600, 40, 33),  # several slices of `in` on a GPU (split-K with the last-block sum)
 ]
 
 
@@ -152,6 +153,60 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(out, eager, rtol=2e-3, atol=2e-3)
     out.sum().backward()  # the compiled backward runs the registered autograd
     assert x1.grad is not None and torch.isfinite(x1.grad).all()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the CUDA kernels need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("M", [1, 16, 300])
+def test_cuda_input_gradient_shapes_read_transposed_factors(dtype, M):
+    """dx = lowrank(dy, Vᵀ, Uᵀ) on the op itself (what the backward calls): the transposed
+    views are read in place by the tensor-core kernels, at decode and tile-filling M."""
+    _, U, V, _ = make_inputs((M,), 512, 384, 72, dtype, "cuda", bias=False)
+    dy = torch.randn(M, 384, device="cuda").to(dtype)
+    Ut, Vt = V.t(), U.t()  # (512, 72) and (72, 384), transposed views
+    assert not (Ut.is_contiguous() or Vt.is_contiguous())
+    out = torch.ops.lrkernels.lowrank_linear(dy, Ut, Vt, None)
+    assert_matches(out, lowrank_linear_exact(dy, Ut, Vt), lowrank_linear_reference(dy, Ut, Vt))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the CUDA kernels need a GPU")
+def test_cuda_split_sums_are_deterministic_on_every_stream():
+    """Decode sizes split `in` across blocks; the last block adds the partials in slice order,
+    so repeated calls are bitwise equal, on the default stream and on a side stream (each
+    stream has its own zeroed counters, which the kernels leave zeroed)."""
+    x, U, V, b = make_inputs((3,), 4096, 256, 64, torch.bfloat16, "cuda")
+    first = lrkernels.lowrank_linear(x, U, V, b, backend="cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        again = [lrkernels.lowrank_linear(x, U, V, b, backend="cuda") for _ in range(3)]
+    side.synchronize()
+    for y in again + [lrkernels.lowrank_linear(x, U, V, b, backend="cuda")]:
+        assert torch.equal(first, y)
+
+
+def test_kernel_expected_faster_default():
+    """The crossover default (until the measured dispatch table): kernels at small and mid M,
+    torch's two matmuls where cuBLAS is expected faster."""
+    faster = lrkernels.ops.lowrank.kernel_expected_faster
+    for M in (1, 16, 256, 1024):
+        assert faster("cuda", M, 4096, 4096, 128, torch.bfloat16)
+    assert not faster("cuda", 8192, 4096, 4096, 128, torch.bfloat16)
+    assert faster("cuda", 1, 4096, 4096, 128, torch.float32)
+    assert not faster("cuda", 64, 4096, 4096, 128, torch.float32)
+    assert not faster("triton", 1, 4096, 4096, 128, torch.float16)
+    assert faster("triton", 64, 4096, 4096, 128, torch.float16)
+    assert not faster("triton", 64, 4096, 4096, 128, torch.float32)
+    assert faster("cpu", 10**6, 8, 8, 2, torch.float32)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="auto selection on CUDA tensors")
+def test_auto_selection_follows_the_crossover():
+    small = make_inputs((4,), 256, 256, 16, torch.float16, "cuda")
+    large = make_inputs((4096,), 256, 256, 16, torch.float16, "cuda")
+    select = lrkernels.backends.select_backend
+    if lrkernels.available_backends()["cuda"] is None:
+        assert select("lowrank_linear", None, *small) == "cuda"
+    assert select("lowrank_linear", None, *large) == "torch"
 
 
 # ------------------------------------------------------------------- selection and errors

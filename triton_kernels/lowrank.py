@@ -1,36 +1,47 @@
-"""Fused low-rank linear layer in Triton: ``y = (x @ V.T) @ U.T + bias``.
+"""Low-rank linear layer in Triton: ``y = (x @ V.T) @ U.T + bias``.
 
 Shapes: ``x`` (M, in), ``V`` (rank, in), ``U`` (out, rank), ``bias`` (out,) or None,
 ``y`` (M, out). Dtypes: float32, float16 or bfloat16, all operands the same dtype.
-Products accumulate in float32. For float16/bfloat16 the intermediate ``t = x @ V.T``
-(float32 accumulator) is rounded to the input dtype before the second product, which
-reproduces the numerics of two separate torch matmuls and lets the second product run
-on tensor cores. The bias is added to the float32 accumulator, then the result is cast
-to the output dtype. Every tensor may have arbitrary strides.
+Products accumulate in float32. For float16/bfloat16 the intermediate ``t = x @ V.T`` is
+rounded to the input dtype before the second product (the numerics of two torch matmuls, and
+what lets the second product run on tensor cores); the bias is added to the float32
+accumulator before the final cast. Every tensor may have arbitrary strides (the input
+gradient's transposed factors are read in place).
 
-Design (one kernel launch, no intermediate in global memory):
+Design: the decomposition of the CUDA kernels (csrc/cuda/lowrank_kernels.cuh), two launches.
 
-* A program owns ``BLOCK_M`` rows of ``x`` and a contiguous range of output-column
-  tiles of width ``BLOCK_N``. Grid = ``(cdiv(M, BLOCK_M), SPLIT_N)``.
-* Phase 1 computes ``t[BLOCK_M, RANK_PAD] = x_tile @ V.T`` by looping over ``in`` in
-  ``BLOCK_K`` steps. ``RANK_PAD`` (a power of two >= max(rank, 16)) is a compile-time
-  constant, so the whole rank-r intermediate of the row tile stays on chip.
-* Phase 2 walks the program's output tiles: ``acc = t @ U_tile.T (+ bias)``, store.
-* ``SPLIT_N > 1`` splits the output columns across programs so that small ``M`` still
-  fills the GPU. Every split recomputes its own ``t``: that is cheap next to the memory
-  traffic at the ranks this library targets (phase 1 costs ``in x rank`` multiply-adds
-  per row, V is re-read from L2, not HBM, and nothing round-trips through global
-  memory). It is not free when ``in x rank`` is large next to a program's share of
-  ``out x rank``, so :func:`choose_config` picks ``SPLIT_N`` with a cost model that
-  charges for the recomputation.
-* ``rank > 512``: the rank is processed in chunks of ``_RANK_CHUNK`` (64; 32 for
-  float32) columns inside the kernel, accumulating every chunk's contribution into
-  ``acc``. ``t`` for a chunk is then recomputed for every output tile (correctness over
-  speed; such ranks are not "low rank" and are better served by two dense matmuls).
+* ``_lowrank_down_kernel``: one program per (rank chunk, K slice, row tile) computes
+  ``x[rows, slice] @ V[chunk, slice].T`` in float32. With ``SPLITS > 1`` it stores that partial
+  to a workspace and adds 1 to its tile's counter (``tl.atomic_add``, acq_rel); the program
+  that arrives last resets the counter and sums the ``SPLITS`` partials in slice order (fixed
+  order: deterministic, no atomics on values), then writes ``t`` (the dtype) to a small
+  workspace of ``M x LDT`` elements. Without splits it writes ``t`` directly. The split count
+  brings the grid to about two programs per SM when the row tiles alone would leave SMs idle.
+* ``_lowrank_up_kernel``: one program per (output-column tile, row tile) computes
+  ``t[rows] @ U[cols].T + bias``.
+
+Why a second launch rather than one fused program per row tile: each output needs the whole
+``t`` of its row, which needs all of ``V``; within one launch that means either every program
+recomputing ``t`` over all of ``in`` (the previous design: at M = 1024 about 12.9 GFLOP executed
+for 2.15 useful, V re-read per split) or a grid-wide wait, which Triton cannot express safely
+(no co-residency guarantee). The intermediate is tiny (1 MiB at M = 4096, rank 128) and stays in
+L2; the counters cost one small memset per call (``torch.zeros``).
 
 Configuration comes from a plain Python heuristic (:func:`choose_config`) rather than
-``triton.autotune`` so the launch stays ``torch.compile``-friendly (the kernel is
-launched through ``torch.library.wrap_triton``, see ``_launch.launchable``) and fast under ``TRITON_INTERPRET=1``.
+``triton.autotune``, so the launch stays ``torch.compile``-friendly (``_launch.launchable``)
+and fast under ``TRITON_INTERPRET=1``: a cost model over a pruned list of tile configurations
+(:data:`_DOWN_CONFIGS`, :data:`_UP_CONFIGS`) that counts HBM and L2 bytes, MMA time, GPU fill,
+waves and the last program's reduction. The configurations were compiled ahead of time for
+sm_90 (Triton 3.9, AOT, see :func:`_smem_estimate`): none spills, and the shared-memory
+estimate is checked against Triton's own numbers.
+
+Expected (H200, bf16, in = out = 4096, rank 128; to be measured by bench/lowrank.py): M <= 16
+about torch's speed (three launches: memset, down, up); M = 64-1024 about 1.2-1.5x torch's two
+matmuls (each kernel streams its operands through 128-256 programs; t never leaves L2); M >= 4096
+about torch's speed: Triton lowers the 64- and 128-row tiles to wgmma on sm_90, so both kernels
+stream x or y near HBM rate like cuBLAS does, saving t's round trip and adding the partials.
+The dispatch keeps torch outside 16 < M <= 1024 until measured
+(``lrkernels.ops.lowrank.kernel_expected_faster``).
 """
 
 from __future__ import annotations
@@ -45,13 +56,6 @@ from ._launch import launchable
 
 __all__ = ["choose_config", "launch_lowrank_linear"]
 
-# Largest rank that is kept whole on chip (RANK_PAD <= 512); above it the rank is chunked.
-_MAX_FUSED_RANK = 512
-# Chunk widths (columns of t per step) for rank > _MAX_FUSED_RANK, 16-bit and float32.
-# Powers of two, at most 256. Narrow because the chunked kernel keeps the float32 t chunk,
-# its rounded copy, the U tile and acc alive together (wider chunks spill registers).
-_RANK_CHUNK = 64
-_RANK_CHUNK_FP32 = 32
 # Offsets at or beyond this need 64-bit index arithmetic.
 _INT32_LIMIT = 2**31 - 1
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -68,75 +72,141 @@ def _mma(a, b, acc, IEEE_FP32: tl.constexpr):
 
 
 @triton.jit
-def _project_rows(
+def _lowrank_down_kernel(
     x_ptr,
     v_ptr,
-    offs_m,
-    m_mask,
-    offs_r,
-    r_mask,
-    offs_k0,
+    t_ptr,
+    part_ptr,
+    cnt_ptr,
+    M,
     K,
+    R,
+    ldt,
+    slice_len,
+    splits,
+    rank_chunks,
     stride_xm,
     stride_xk,
     stride_vr,
     stride_vk,
-    BLOCK_M: tl.constexpr,
-    RANK_PAD: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    SPLIT: tl.constexpr,
     IEEE_FP32: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    """Phase 1: t[BLOCK_M, RANK_PAD] = x[offs_m, :] @ V[offs_r, :].T in float32.
+    """t[M, ldt] = x[M, K] @ V[R, K].T (columns >= R are zeros), split over K when SPLIT.
 
-    Masked loads zero-fill rows >= M, columns >= in and rank rows >= rank, so padded
-    entries of t are exactly zero and contribute nothing to phase 2.
+    Program pid = rc + rank_chunks * (s + splits * rt): rank chunk rc, K slice s, row tile rt.
+    Partials: part[tile, s] is a BLOCK_M x BLOCK_R float32 tile (rows >= M not written);
+    cnt[tile] is zero at launch and left zero.
     """
-    t = tl.zeros((BLOCK_M, RANK_PAD), dtype=tl.float32)
+    pid = tl.program_id(0)
+    rc = pid % rank_chunks
+    rest = pid // rank_chunks
+    s = rest % splits
+    rt = rest // splits
+    offs_m = rt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = rc * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k0 = tl.arange(0, BLOCK_K)
+    if INDEX_64:
+        offs_m = offs_m.to(tl.int64)
+        offs_r = offs_r.to(tl.int64)
+    m_mask = offs_m < M
+    r_mask = offs_r < R
+    k_begin = s * slice_len
+    k_end = tl.minimum(K, k_begin + slice_len)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     x_rows = x_ptr + offs_m[:, None] * stride_xm
-    # V is read as its transpose (BLOCK_K x RANK_PAD) so the product is a plain dot.
-    vt_cols = v_ptr + offs_r[None, :] * stride_vr
-    for k0 in range(0, K, BLOCK_K):
+    vt_cols = v_ptr + offs_r[None, :] * stride_vr  # V read as its transpose (BLOCK_K x BLOCK_R)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + offs_k0
-        k_mask = offs_k < K
+        k_mask = offs_k < k_end
         x_tile = tl.load(
-            x_rows + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
+            x_rows + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0
         )
         vt_tile = tl.load(
-            vt_cols + offs_k[:, None] * stride_vk,
-            mask=k_mask[:, None] & r_mask[None, :],
-            other=0.0,
+            vt_cols + offs_k[:, None] * stride_vk, mask=k_mask[:, None] & r_mask[None, :], other=0.0
         )
-        t = _mma(x_tile, vt_tile, t, IEEE_FP32)
-    return t
+        acc = _mma(x_tile, vt_tile, acc, IEEE_FP32)
+
+    t_ptrs = t_ptr + offs_m[:, None] * ldt + offs_r[None, :]
+    t_mask = m_mask[:, None] & (offs_r[None, :] < ldt)
+    if SPLIT:
+        tile = rt * rank_chunks + rc
+        base = part_ptr + tile * splits * (BLOCK_M * BLOCK_R)
+        loc = tl.arange(0, BLOCK_M)[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
+        tl.store(base + s * (BLOCK_M * BLOCK_R) + loc, acc, mask=m_mask[:, None])
+        tl.debug_barrier()  # every thread's partial is stored before the (release) arrival
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == splits - 1:  # the last slice to arrive: sum the partials in slice order
+            tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch
+            total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for q in range(0, splits):
+                total += tl.load(
+                    base + q * (BLOCK_M * BLOCK_R) + loc,
+                    mask=m_mask[:, None],
+                    other=0.0,
+                    cache_modifier=".cg",  # through L2: other programs wrote them
+                )
+            tl.store(t_ptrs, total.to(t_ptr.dtype.element_ty), mask=t_mask)
+    else:
+        tl.store(t_ptrs, acc.to(t_ptr.dtype.element_ty), mask=t_mask)
 
 
 @triton.jit
-def _load_ut(u_ptr, offs_r, r_mask, offs_n, n_mask, stride_un, stride_ur):
-    """U[offs_n, offs_r] read as its transpose, (RANK_PAD, BLOCK_N), zero-filled."""
-    return tl.load(
-        u_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
-        mask=r_mask[:, None] & n_mask[None, :],
-        other=0.0,
-    )
-
-
-@triton.jit
-def _store_tile(
-    acc,
-    y_ptr,
+def _lowrank_up_kernel(
+    t_ptr,
+    u_ptr,
     bias_ptr,
-    offs_m,
-    m_mask,
-    offs_n,
-    n_mask,
+    y_ptr,
+    M,
+    N,
+    R,
+    ldt,
+    col_tiles,
+    stride_un,
+    stride_ur,
+    stride_b,
     stride_ym,
     stride_yn,
-    stride_b,
     HAS_BIAS: tl.constexpr,
+    IEEE_FP32: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
-    """Adds the bias to the float32 accumulator, casts to the output dtype, stores."""
+    """y[M, N] = t[M, ldt] @ U[N, R].T (+ bias[N]); program pid = ct + col_tiles * rt."""
+    pid = tl.program_id(0)
+    ct = pid % col_tiles
+    rt = pid // col_tiles
+    offs_m = rt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = ct * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r0 = tl.arange(0, BLOCK_R)
+    if INDEX_64:
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t_rows = t_ptr + offs_m[:, None] * ldt
+    ut_cols = u_ptr + offs_n[None, :] * stride_un  # U read as its transpose (BLOCK_R x BLOCK_N)
+    for r0 in range(0, ldt, BLOCK_R):
+        offs_r = r0 + offs_r0
+        t_tile = tl.load(
+            t_rows + offs_r[None, :], mask=m_mask[:, None] & (offs_r[None, :] < ldt), other=0.0
+        )
+        ut_tile = tl.load(
+            ut_cols + offs_r[:, None] * stride_ur,
+            mask=(offs_r[:, None] < R) & n_mask[None, :],
+            other=0.0,
+        )
+        acc = _mma(t_tile, ut_tile, acc, IEEE_FP32)
+
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n * stride_b, mask=n_mask, other=0.0)
         acc += b.to(tl.float32)[None, :]
@@ -147,303 +217,159 @@ def _store_tile(
     )
 
 
-@triton.jit
-def _lowrank_linear_kernel(
-    x_ptr,
-    v_ptr,
-    u_ptr,
-    bias_ptr,
-    y_ptr,
-    M,
-    K,
-    N,
-    R,
-    n_tiles,
-    tiles_per_split,
-    stride_xm,
-    stride_xk,
-    stride_vr,
-    stride_vk,
-    stride_un,
-    stride_ur,
-    stride_b,
-    stride_ym,
-    stride_yn,
-    HAS_BIAS: tl.constexpr,
-    RANK_CHUNKED: tl.constexpr,
-    IEEE_FP32: tl.constexpr,
-    INDEX_64: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    RANK_PAD: tl.constexpr,
-):
-    """y[M, N] = (x[M, K] @ V[R, K].T) @ U[N, R].T (+ bias[N]).
-
-    Program (pid_m, pid_n) owns rows [pid_m * BLOCK_M, +BLOCK_M) and output-column tiles
-    [pid_n * tiles_per_split, min(+tiles_per_split, n_tiles)) of width BLOCK_N.
-    RANK_CHUNKED=False: RANK_PAD >= R, t is computed once and reused for every tile.
-    RANK_CHUNKED=True: the rank is walked in RANK_PAD-wide chunks for every tile.
-    """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_r0 = tl.arange(0, RANK_PAD)
-    offs_k0 = tl.arange(0, BLOCK_K)
-    offs_n0 = tl.arange(0, BLOCK_N)
-    if INDEX_64:
-        # Some tensor spans more than 2**31 elements: do all address math in int64.
-        offs_m = offs_m.to(tl.int64)
-        offs_r0 = offs_r0.to(tl.int64)
-        offs_k0 = offs_k0.to(tl.int64)
-        offs_n0 = offs_n0.to(tl.int64)
-    m_mask = offs_m < M
-
-    tile_begin = pid_n * tiles_per_split
-    tile_end = tl.minimum(tile_begin + tiles_per_split, n_tiles)
-
-    if not RANK_CHUNKED:
-        r_mask = offs_r0 < R
-        t = _project_rows(
-            x_ptr,
-            v_ptr,
-            offs_m,
-            m_mask,
-            offs_r0,
-            r_mask,
-            offs_k0,
-            K,
-            stride_xm,
-            stride_xk,
-            stride_vr,
-            stride_vk,
-            BLOCK_M,
-            RANK_PAD,
-            BLOCK_K,
-            IEEE_FP32,
-        )
-        # Round t to the input dtype (no-op for float32): same numerics as two torch
-        # matmuls, and the second product runs on 16-bit tensor cores.
-        t = t.to(u_ptr.dtype.element_ty)
-        for tile in range(tile_begin, tile_end):
-            offs_n = tile * BLOCK_N + offs_n0
-            n_mask = offs_n < N
-            ut = _load_ut(u_ptr, offs_r0, r_mask, offs_n, n_mask, stride_un, stride_ur)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            acc = _mma(t, ut, acc, IEEE_FP32)
-            _store_tile(
-                acc,
-                y_ptr,
-                bias_ptr,
-                offs_m,
-                m_mask,
-                offs_n,
-                n_mask,
-                stride_ym,
-                stride_yn,
-                stride_b,
-                HAS_BIAS,
-            )
-    else:
-        # rank > 512: a whole-rank t would not fit on chip. Each chunk of t is
-        # recomputed per output tile (correctness over speed at such ranks). Rounding t
-        # per chunk is identical to rounding the full t: every element is a complete sum
-        # over `in`.
-        for tile in range(tile_begin, tile_end):
-            offs_n = tile * BLOCK_N + offs_n0
-            n_mask = offs_n < N
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for r0 in range(0, R, RANK_PAD):
-                offs_r = r0 + offs_r0
-                r_mask = offs_r < R
-                t = _project_rows(
-                    x_ptr,
-                    v_ptr,
-                    offs_m,
-                    m_mask,
-                    offs_r,
-                    r_mask,
-                    offs_k0,
-                    K,
-                    stride_xm,
-                    stride_xk,
-                    stride_vr,
-                    stride_vk,
-                    BLOCK_M,
-                    RANK_PAD,
-                    BLOCK_K,
-                    IEEE_FP32,
-                )
-                ut = _load_ut(u_ptr, offs_r, r_mask, offs_n, n_mask, stride_un, stride_ur)
-                acc = _mma(t.to(u_ptr.dtype.element_ty), ut, acc, IEEE_FP32)
-            _store_tile(
-                acc,
-                y_ptr,
-                bias_ptr,
-                offs_m,
-                m_mask,
-                offs_n,
-                n_mask,
-                stride_ym,
-                stride_yn,
-                stride_b,
-                HAS_BIAS,
-            )
-
-
 # --------------------------------------------------------------------------------------
-# Host side: configuration heuristic and launch.
+# Host side: configurations, cost model and launch.
 # --------------------------------------------------------------------------------------
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << (max(int(n), 1) - 1).bit_length()
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _dtype_size(dtype: torch.dtype) -> int:
-    return 4 if dtype == torch.float32 else 2
+# Candidate tiles: (BLOCK_M, BLOCK_R, BLOCK_K, num_warps, num_stages) for `down`,
+# (BLOCK_M, BLOCK_N, BLOCK_R, num_warps, num_stages) for `up`. Pruned to configurations that
+# compile for sm_90 without spilling and fit 227 KiB of shared memory (Triton 3.9 AOT, bf16;
+# registers and shared bytes, row-major / transposed factors, in the comments; BLOCK_M >= 64
+# lowers to wgmma, smaller tiles to mma.sync); the planner drops those over the device budget.
+_DOWN_CONFIGS = {
+    "16bit": (
+        (16, 32, 128, 4, 4),  # mma.sync; 48 / 72 regs, 36,864 / 20,480 B: decode, many programs
+        (32, 64, 64, 4, 4),  # mma.sync; 68 / 110 regs, 36,864 / 20,480 B
+        (64, 64, 64, 4, 4),  # wgmma; 82 / 104 regs, 65,536 / 40,960 B
+        (128, 128, 64, 8, 3),  # wgmma; 140 / 175 regs, 98,304 / 65,536 B
+    ),
+    "fp32": (  # IEEE FMA dots
+        (16, 32, 32, 4, 2),  # 56 / 48 regs, 6,144 B
+        (32, 32, 32, 4, 2),  # 72 / 64 regs, 8,192 B
+        (64, 64, 32, 8, 2),  # 108 / 98 regs, 16,384 B
+    ),
+}
+_UP_CONFIGS = {
+    "16bit": (
+        (16, 64, 64, 4, 3),  # mma.sync; 72 / 50 regs, 12,288 / 20,480 B
+        (64, 64, 64, 4, 3),  # wgmma; 102 / 64 regs, 32,768 / 49,152 B
+        (128, 128, 64, 8, 3),  # wgmma; 130 / 108 regs, 65,536 / 98,304 B
+    ),
+    "fp32": (
+        (16, 32, 32, 4, 2),  # 48 / 40 regs, 6,144 B
+        (64, 64, 32, 8, 2),  # 80 / 64 regs, 16,384 B
+    ),
+}
+
+# Planning figures (H100/H200-class, 132 SMs; scaled by the SM count). They only rank the
+# candidates against each other; the measured dispatch table decides against torch.
+_HBM_BYTES_PER_US = 3.5e6
+_L2_BYTES_PER_US = 8.0e6
+# tl.dot: wgmma (BLOCK_M >= 64 on sm_90), mma.sync (smaller tiles), IEEE FMAs (float32).
+_MMA_FLOPS_PER_US = {"wgmma": 5.5e8, "mma": 3.0e8, "fp32": 2.5e7}
+_SM_L2_BYTES_PER_US = 1.0e5  # into one SM: the last program's reduction
+_WAVE_US = 1.0
+_REF_SMS = 132
 
 
-def _prev_pow2(n: int) -> int:
-    return 1 << (max(int(n), 1).bit_length() - 1)
-
-
-# Default shared-memory budget of choose_config (bytes per program). Conservative: fits
-# consumer GPUs (99 KiB per block) as well as A100/H100; launch_lowrank_linear passes a
-# budget derived from the device instead.
-_DEFAULT_SMEM_BUDGET = 96 * 1024
-
-
-def _smem_estimate(block_m, block_n, block_k, rank_pad, esize, stages):
-    """Upper bound on the kernel's shared memory (bytes), fitted to Triton's own numbers.
-
-    Triton allocates the pipeline buffers of both loops at the same time: per stage one
-    x tile + one V tile (phase 1) and one U tile (phase 2); plus a copy of t staged for the
-    second dot and float32 scratch for the accumulator's layout change before the store.
-    Checked against ~350 sm_90 compilations of this kernel (actual <= 0.87 x estimate).
+def _smem_estimate(kind: str, config: tuple, esize: int) -> int:
+    """Upper bound on the shared memory (bytes) Triton allocates for a `down` or `up`
+    configuration: one (A tile + B tile) buffer per pipeline stage. Exact for the tiles Triton
+    lowers to wgmma on sm_90 (BLOCK_M >= 64); the mma.sync tiles (BLOCK_M < 64) often keep one
+    stage fewer. The old estimate (every stage of both loops plus t and an fp32 scratch) was
+    about 2.4x Triton's figure (163,840 vs 66,560 B). Checked against sm_90 AOT compilations
+    (Triton 3.9) of every candidate, row-major and transposed factors: compiled / estimate
+    between 0.33 and 1.0, never above (the numbers are in _DOWN_CONFIGS / _UP_CONFIGS).
     """
-    per_stage = (block_m * block_k + block_k * rank_pad + rank_pad * block_n) * esize
-    return stages * per_stage + block_m * rank_pad * esize + block_m * block_n * 4
+    if kind == "down":
+        bm, br, bk, _, stages = config
+        per_stage = (bm * bk + bk * br) * esize
+    else:
+        bm, bn, br, _, stages = config
+        per_stage = (bm * br + br * bn) * esize
+    return stages * per_stage
+
+
+def _mma_rate(kind: str, block_m: int) -> float:
+    if kind == "fp32":
+        return _MMA_FLOPS_PER_US["fp32"]
+    return _MMA_FLOPS_PER_US["wgmma" if block_m >= 64 else "mma"]
+
+
+def _down_cost(M: int, K: int, R: int, cfg: tuple, splits: int, kind: str, sms: int) -> float:
+    bm, br = cfg[0], cfg[1]
+    esize = 4 if kind == "fp32" else 2
+    rt, rc = _cdiv(M, bm), _cdiv(R, br)
+    programs = rt * rc * splits
+    scale = sms / _REF_SMS
+    x_b, v_b = esize * M * K, esize * R * K
+    part_b = 4.0 * splits * M * rc * br if splits > 1 else 0.0
+    hbm = (x_b + v_b) / (_HBM_BYTES_PER_US * scale)
+    l2 = (x_b * rc + v_b * rt + 2 * part_b) / (_L2_BYTES_PER_US * scale)
+    mma = 2.0 * rt * bm * rc * br * K / (_mma_rate(kind, bm) * scale)
+    fill = min(1.0, programs / sms)
+    waves = _cdiv(programs, 2 * sms)
+    reduce = 4.0 * splits * min(M, bm) * br / _SM_L2_BYTES_PER_US if splits > 1 else 0.0
+    return max(hbm, l2, mma) / fill + _WAVE_US * waves + reduce
+
+
+def _up_cost(M: int, N: int, ldt: int, cfg: tuple, kind: str, sms: int) -> float:
+    bm, bn = cfg[0], cfg[1]
+    esize = 4 if kind == "fp32" else 2
+    rt, nt = _cdiv(M, bm), _cdiv(N, bn)
+    scale = sms / _REF_SMS
+    u_b, y_b, t_b = esize * N * ldt, esize * M * N, esize * M * ldt
+    hbm = (u_b + y_b) / (_HBM_BYTES_PER_US * scale)
+    l2 = (u_b * rt + t_b * nt + y_b) / (_L2_BYTES_PER_US * scale)
+    mma = 2.0 * rt * bm * nt * bn * ldt / (_mma_rate(kind, bm) * scale)
+    fill = min(1.0, rt * nt / sms)
+    return max(hbm, l2, mma) / fill + _WAVE_US * _cdiv(rt * nt, 2 * sms)
+
+
+def _slice_for(K: int, splits: int, align: int) -> tuple[int, int]:
+    """(slice length, slices): equal slices, a multiple of `align` long, none empty."""
+    length = _cdiv(_cdiv(K, max(splits, 1)), align) * align
+    return length, _cdiv(K, length)
 
 
 @functools.lru_cache(maxsize=1024)
 def _choose_config_cached(
-    M: int,
-    in_features: int,
-    out_features: int,
-    rank: int,
-    dtype: torch.dtype,
-    num_sms: int,
-    smem_budget: int,
+    M: int, K: int, N: int, R: int, dtype: torch.dtype, num_sms: int, smem_budget: int
 ) -> tuple:
-    esize = _dtype_size(dtype)
-    fp32 = esize == 4
-    chunked = rank > _MAX_FUSED_RANK
-    if chunked:
-        # float32 dots run on FMA units with operands held in registers: narrow chunks.
-        rank_pad = _RANK_CHUNK_FP32 if fp32 else _RANK_CHUNK
-    else:
-        rank_pad = max(16, _next_pow2(rank))
-
-    # Register budgets (elements per program) for t (BLOCK_M x RANK_PAD) and for acc
-    # (BLOCK_M x BLOCK_N). The limits come from sm_90 compilations of this kernel (Triton
-    # 3.8, register / spill counts from cuobjdump): inside them nothing spills.
-    # 16-bit: tensor-core dots, 16K-element tiles at 8 warps.
-    # float32: IEEE dots lower to FMA loops whose operand slices also live in registers,
-    # so much smaller tiles (and BLOCK_M <= 32 in the chunked kernel, which keeps t of the
-    # phase-1 loop and acc alive together).
-    t_budget = 8192 if fp32 else 16384
-    acc_budget = 2048 if fp32 else 16384
-
-    # BLOCK_M: cover M for small M (M=1 still needs 16, the minimum dot size), at most
-    # 128, and shrink it for large ranks so that t fits its budget.
-    block_m = min(max(16, _next_pow2(M)), 32 if (fp32 and chunked) else 128)
-    block_m = max(16, min(block_m, t_budget // rank_pad))
-
-    # BLOCK_N: up to 128 output columns per tile, limited by the accumulator budget and by
-    # the size of one U tile (RANK_PAD x BLOCK_N: <= 16K 16-bit elements; <= 4K float32
-    # elements, beyond which the FMA dot spills on sm_80).
-    block_n = min(128, max(16, _next_pow2(out_features)), acc_budget // block_m)
-    block_n = max(16, min(block_n, _prev_pow2((4096 if fp32 else 16384) // rank_pad)))
-
-    # BLOCK_K: 64 (16-bit) / 32 (float32 and the chunked kernel, whose nested loops spill
-    # at 64) input features per phase-1 step, limited so that one x tile + V tile stays
-    # <= 32 KiB.
-    block_k = min(32 if (fp32 or chunked) else 64, max(16, _next_pow2(in_features)))
-    block_k = max(16, min(block_k, _prev_pow2(32768 // ((block_m + rank_pad) * esize))))
-
-    # num_stages: as deep a software pipeline (up to 4) as the shared-memory budget allows;
-    # if even 2 stages do not fit (small budgets, large ranks), narrow the tiles first.
-    while _smem_estimate(block_m, block_n, block_k, rank_pad, esize, 2) > smem_budget:
-        if block_n > 16:
-            block_n //= 2
-        elif block_k > 16:
-            block_k //= 2
-        elif block_m > 16:
-            block_m //= 2
-        else:
-            break  # smallest tiles; nothing left to shrink
-    num_stages = 2
-    for stages in (4, 3):
-        if _smem_estimate(block_m, block_n, block_k, rank_pad, esize, stages) <= smem_budget:
-            num_stages = stages
-            break
-
-    # num_warps: float32 and the chunked kernel always 8 (fewer registers per thread);
-    # 16-bit 8 once a tile reaches 8K elements (4 warps spill there at large ranks), else 4.
-    if fp32 or chunked or max(block_m * rank_pad, block_m * block_n) >= 8192:
-        num_warps = 8
-    else:
-        num_warps = 4
-
-    # SPLIT_N: minimise a simple traffic model (units: elements moved) over the number of
-    # column splits:
-    #   per program: phase 1 reads the x rows + all of V (once, or once per tile when the
-    #     rank is chunked), phase 2 reads its U tiles and writes its y tiles, plus a fixed
-    #     launch/latency cost;
-    #   critical path = waves * per-program traffic, waves = ceil(programs / num_sms)
-    #     (each SM streams at its own share of bandwidth);
-    #   aggregate = total traffic / (0.75 * num_sms): the memory system delivers less than
-    #     num_sms x per-SM bandwidth, which caps how much redundant phase-1 traffic
-    #     (V re-read by every split) is free. The 0.75 is a rough guess, not measured.
-    # More splits shorten each program's phase 2 but every split re-runs phase 1, so the
-    # optimum balances GPU fill against redundant phase-1 work. Ties go to fewer splits.
-    m_tiles = _cdiv(max(M, 1), block_m)
-    n_tiles = _cdiv(out_features, block_n)
-    rank_work = _cdiv(rank, rank_pad) * rank_pad
-    phase1 = in_features * (block_m + rank_work)
-    per_tile = block_n * (rank_work + block_m)
-    fixed_cost = 4096
-    max_split = min(n_tiles, max(1, _cdiv(2 * num_sms, m_tiles)))
+    kind = "fp32" if dtype == torch.float32 else "16bit"
+    esize = 4 if kind == "fp32" else 2
+    M = max(M, 1)
     best = None
-    for split in range(1, max_split + 1):
-        tiles_per_split = _cdiv(n_tiles, split)
-        if _cdiv(n_tiles, tiles_per_split) != split:
-            continue  # same work distribution as a smaller split count
-        programs = m_tiles * split
-        phase1_reps = tiles_per_split if chunked else 1
-        per_program = phase1_reps * phase1 + tiles_per_split * per_tile + fixed_cost
-        critical = _cdiv(programs, num_sms) * per_program
-        aggregate = 4 * programs * per_program // (3 * num_sms)
-        cost = max(critical, aggregate)
-        if best is None or cost < best[0]:
-            best = (cost, split)
-    split_n = best[1] if best is not None else 1
+    for cfg in _DOWN_CONFIGS[kind]:
+        if _smem_estimate("down", cfg, esize) > smem_budget:
+            continue
+        bm, br, bk = cfg[:3]
+        base = _cdiv(M, bm) * _cdiv(R, br)
+        max_splits = max(1, min(_cdiv(2 * num_sms, base), _cdiv(K, 2 * bk), 64))
+        seen = set()
+        for request in range(1, max_splits + 1):
+            slice_len, splits = _slice_for(K, request, bk)
+            if splits in seen:
+                continue
+            seen.add(splits)
+            cost = _down_cost(M, K, R, cfg, splits, kind, num_sms)
+            if best is None or cost < best[0]:
+                best = (cost, cfg, splits, slice_len)
+    if best is None:  # nothing fits the budget: the smallest tiles
+        cfg = _DOWN_CONFIGS[kind][0]
+        best = (0.0, cfg, 1, _cdiv(K, cfg[2]) * cfg[2])
+    _, down, splits, slice_len = best
+    ldt = _cdiv(R, down[1]) * down[1]
 
+    up_best = None
+    for cfg in _UP_CONFIGS[kind]:
+        if _smem_estimate("up", cfg, esize) > smem_budget:
+            continue
+        cost = _up_cost(M, N, ldt, cfg, kind, num_sms)
+        if up_best is None or cost < up_best[0]:
+            up_best = (cost, cfg)
+    up = up_best[1] if up_best is not None else _UP_CONFIGS[kind][0]
     return (
-        ("BLOCK_M", block_m),
-        ("BLOCK_N", block_n),
-        ("BLOCK_K", block_k),
-        ("RANK_PAD", rank_pad),
-        ("RANK_CHUNKED", chunked),
-        ("SPLIT_N", split_n),
-        ("num_warps", num_warps),
-        ("num_stages", num_stages),
+        ("DOWN", down),
+        ("SPLITS", splits),
+        ("SLICE", slice_len),
+        ("LDT", ldt),
+        ("UP", up),
     )
 
 
@@ -456,24 +382,26 @@ def choose_config(
     num_sms: int,
     smem_budget: int | None = None,
 ) -> dict:
-    """Launch configuration for ``launch_lowrank_linear`` (plain heuristic, no autotuning).
+    """Launch configuration for ``launch_lowrank_linear`` (cost model, no autotuning).
 
     Args:
         M, in_features, out_features, rank: problem sizes of
             ``y[M, out] = (x[M, in] @ V[rank, in].T) @ U[out, rank].T``.
         dtype: torch.float32, torch.float16 or torch.bfloat16.
-        num_sms: number of streaming multiprocessors of the target device (use 1 for the
-            CPU interpreter: fewest, largest programs).
-        smem_budget: bytes of shared memory the estimate may use (only affects
-            num_stages); defaults to a conservative 96 KiB.
+        num_sms: streaming multiprocessors of the target device (1 for the CPU interpreter:
+            fewest, largest programs).
+        smem_budget: bytes of shared memory a program may use (default 96 KiB: consumer GPUs
+            too); configurations whose estimate exceeds it are skipped.
 
     Returns:
-        dict with BLOCK_M, BLOCK_N, BLOCK_K, RANK_PAD (power of two >= max(rank, 16), or
-        the chunk width when rank > 512), RANK_CHUNKED, SPLIT_N, num_warps, num_stages.
+        dict with DOWN = (BLOCK_M, BLOCK_R, BLOCK_K, num_warps, num_stages) of the first
+        kernel, SPLITS (K slices) and SLICE (their length, a multiple of BLOCK_K), LDT (t's
+        leading dimension: rank rounded up to BLOCK_R), UP = (BLOCK_M, BLOCK_N, BLOCK_R,
+        num_warps, num_stages) of the second.
     """
     if dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"lowrank: unsupported dtype {dtype}")
-    budget = _DEFAULT_SMEM_BUDGET if smem_budget is None else int(smem_budget)
+    budget = 96 * 1024 if smem_budget is None else int(smem_budget)
     return dict(
         _choose_config_cached(
             int(M),
@@ -493,9 +421,8 @@ def _device_limits(device_type: str, index: int | None) -> tuple[int, int | None
     if device_type == "cuda":
         idx = torch.cuda.current_device() if index is None else index
         props = torch.cuda.get_device_properties(idx)
-        optin = getattr(props, "shared_memory_per_block_optin", 0) or _DEFAULT_SMEM_BUDGET
-        # _smem_estimate is an upper bound already; keep 10% headroom for compiler drift.
-        return props.multi_processor_count, int(optin * 0.9)
+        optin = getattr(props, "shared_memory_per_block_optin", 0) or 96 * 1024
+        return props.multi_processor_count, int(optin)
     # Interpreter on CPU: programs run one after another, so fewer is faster.
     return 1, None
 
@@ -521,7 +448,8 @@ def launch_lowrank_linear(
     (M, out) in x2d's dtype. All on the same device; any strides. Dtype float32, float16
     or bfloat16 (all the same); float32 accumulation; for 16-bit dtypes x2d·Vᵀ is rounded
     to the dtype before the second product. ``config`` overrides :func:`choose_config`
-    (tests and benchmarks); it must contain the same keys.
+    (tests and benchmarks); it must contain the same keys (SPLITS is then clamped so that no
+    slice is empty, and SLICE recomputed).
     """
     if x2d.dim() != 2 or U.dim() != 2 or V.dim() != 2 or out.dim() != 2:
         raise ValueError("lowrank: x2d, U, V and out must be 2-D")
@@ -548,50 +476,80 @@ def launch_lowrank_linear(
     if config is None:
         num_sms, smem_budget = _device_limits(x2d.device.type, x2d.device.index)
         config = choose_config(M, in_features, out_features, rank, dtype, num_sms, smem_budget)
-    block_m = config["BLOCK_M"]
-    block_n = config["BLOCK_N"]
-    n_tiles = _cdiv(out_features, block_n)
-    tiles_per_split = _cdiv(n_tiles, max(1, min(config["SPLIT_N"], n_tiles)))
-    split_n = _cdiv(n_tiles, tiles_per_split)  # no empty programs
-    grid = (_cdiv(M, block_m), split_n)
+    bm, br, bk, down_warps, down_stages = config["DOWN"]
+    ubm, ubn, ubr, up_warps, up_stages = config["UP"]
+    slice_len, splits = _slice_for(in_features, config["SPLITS"], bk)
+    ldt = _cdiv(rank, br) * br
+    if config.get("LDT", ldt) != ldt:
+        raise ValueError(f"lowrank: config LDT must be rank rounded up to BLOCK_R ({ldt})")
+    row_tiles, rank_chunks = _cdiv(M, bm), _cdiv(rank, br)
+    tiles = row_tiles * rank_chunks
 
-    pad = 2 * max(block_m, block_n, config["BLOCK_K"], config["RANK_PAD"])
-    tensors = (x2d, U, V, out) if bias is None else (x2d, U, V, out, bias)
-    index_64 = any(_needs_int64(t, pad) for t in tensors)
+    dev = x2d.device
+    t = torch.empty((M, ldt), device=dev, dtype=dtype)
+    if splits > 1:
+        partial = torch.empty(tiles * splits * bm * br, device=dev, dtype=torch.float32)
+        counters = torch.zeros(tiles, device=dev, dtype=torch.int32)
+    else:
+        partial = counters = t  # unused (SPLIT=False compiles them away)
 
-    # bias=None: HAS_BIAS=False compiles the bias load away; `out` is a dummy pointer.
-    bias_arg = out if bias is None else bias
-    stride_b = 0 if bias is None else bias.stride(0)
+    pad = 2 * max(bm, br, bk, ubm, ubn, ubr)
+    tensors = (x2d, U, V, out, t) if bias is None else (x2d, U, V, out, t, bias)
+    index_64 = any(_needs_int64(a, pad) for a in tensors) or tiles * splits * bm * br > (
+        _INT32_LIMIT
+    )
+    ieee = dtype == torch.float32
 
-    launchable(_lowrank_linear_kernel)[grid](
+    launchable(_lowrank_down_kernel)[(tiles * splits,)](
         x2d,
         V,
-        U,
-        bias_arg,
-        out,
+        t,
+        partial,
+        counters,
         M,
         in_features,
-        out_features,
         rank,
-        n_tiles,
-        tiles_per_split,
+        ldt,
+        slice_len,
+        splits,
+        rank_chunks,
         x2d.stride(0),
         x2d.stride(1),
         V.stride(0),
         V.stride(1),
+        SPLIT=splits > 1,
+        IEEE_FP32=ieee,
+        INDEX_64=index_64,
+        BLOCK_M=bm,
+        BLOCK_R=br,
+        BLOCK_K=bk,
+        num_warps=down_warps,
+        num_stages=down_stages,
+    )
+
+    # bias=None: HAS_BIAS=False compiles the bias load away; `out` is a dummy pointer.
+    col_tiles = _cdiv(out_features, ubn)
+    launchable(_lowrank_up_kernel)[(_cdiv(M, ubm) * col_tiles,)](
+        t,
+        U,
+        out if bias is None else bias,
+        out,
+        M,
+        out_features,
+        rank,
+        ldt,
+        col_tiles,
         U.stride(0),
         U.stride(1),
-        stride_b,
+        0 if bias is None else bias.stride(0),
         out.stride(0),
         out.stride(1),
         HAS_BIAS=bias is not None,
-        RANK_CHUNKED=bool(config["RANK_CHUNKED"]),
-        IEEE_FP32=dtype == torch.float32,
+        IEEE_FP32=ieee,
         INDEX_64=index_64,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=config["BLOCK_K"],
-        RANK_PAD=config["RANK_PAD"],
-        num_warps=config["num_warps"],
-        num_stages=config["num_stages"],
+        BLOCK_M=ubm,
+        BLOCK_N=ubn,
+        BLOCK_R=ubr,
+        num_warps=up_warps,
+        num_stages=up_stages,
     )

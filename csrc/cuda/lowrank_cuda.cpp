@@ -1,23 +1,25 @@
 // CUDA kernel of lrkernels::lowrank_linear(x, U, V, bias) = (x · Vᵀ) · Uᵀ + bias.
 //   x (..., in), V (rank, in), U (out, rank), bias (out) or None -> y (..., out), same dtype
 //   (float32 / float16 / bfloat16), float32 accumulation.
-// Torch-side glue only (compiled by the host compiler, no device code): argument checks,
-// device guard, contiguity, allocation, path choice, stream. The kernels are behind the
-// torch-free API of lowrank_kernels.cuh.
-// Paths:
-//   * tensor-core fused (lowrank_fused_tc.cu): float16 / bfloat16, M > 16, rank <= 512,
-//     compute capability >= 8.0;
-//   * gemv (lowrank_gemv.cu): everything else, i.e. decode-sized M, float32 at any M, and
-//     16-bit ranks above 512 (slow fallback).
+// Torch-side glue only (compiled by the host compiler, no device code): argument checks, device
+// guard, the plan (lowrank_kernels.cuh: path, tiles, split count), workspace, the persistent split
+// counters, stream. U and V are passed with their strides: the transposed views of the input
+// gradient (dx = lowrank(dy, Vᵀ, Uᵀ)) are read in place by the tensor-core kernels (the float32
+// path, which reads row-major factors, copies them).
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "../common/checks.h"
@@ -45,6 +47,36 @@ cuda::DType to_kernel_dtype(at::ScalarType t) {
   }
 }
 
+// `n` zeroed uint32 split counters for a launch on `stream`. The kernels leave them zeroed, so one
+// buffer per (device, stream) is zeroed once and reused by every later launch on that stream
+// (stream order keeps two launches from sharing it at the same time; no memset per call). While
+// the stream is being captured into a CUDA graph, a fresh zeroed buffer is allocated instead (its
+// zeroing becomes a graph node): a cached buffer could be shared by replays on other streams.
+unsigned* split_counters(const at::Device& device, cudaStream_t stream, size_t n,
+                         at::Tensor* holder) {
+  if (n == 0) return nullptr;
+  const auto options = at::TensorOptions().device(device).dtype(at::kInt);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) {
+    *holder = at::zeros({static_cast<int64_t>(n)}, options);
+    return static_cast<unsigned*>(holder->data_ptr());
+  }
+  static std::mutex mutex;
+  // Never destroyed: tensors freed after the caching allocator at exit would crash.
+  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& buffer = (*buffers)[{device.index(), stream}];
+  if (!buffer.defined() || static_cast<size_t>(buffer.numel()) < n) {
+    // Zeroed on `stream`, before the launch; the old buffer is freed in stream order.
+    const int64_t size = std::max<int64_t>(
+        {4096, static_cast<int64_t>(n), buffer.defined() ? 2 * buffer.numel() : 0});
+    buffer = at::zeros({size}, options);
+  }
+  *holder = buffer;
+  return static_cast<unsigned*>(buffer.data_ptr());
+}
+
 at::Tensor lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V,
                                const std::optional<at::Tensor>& bias) {
   check_lowrank_linear_args(x, U, V, bias);
@@ -54,12 +86,12 @@ at::Tensor lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& U, const a
   const int64_t in = x.size(-1);
   const int64_t rank = V.size(0);
   const int64_t out = U.size(0);
-  const at::Tensor x2d = x.reshape({-1, in}).contiguous();
-  const at::Tensor U_c = U.contiguous();
-  const at::Tensor V_c = V.contiguous();
+  at::Tensor x2d = x.reshape({-1, in});
+  const int64_t M = x2d.size(0);
+  if (x2d.stride(1) != 1 || (M > 1 && x2d.stride(0) < in)) x2d = x2d.contiguous();
+  at::Tensor U_k = U, V_k = V;  // strided views are read in place on the tensor-core path
   at::Tensor bias_c;
   if (bias.has_value() && bias->defined()) bias_c = bias->contiguous();
-  const int64_t M = x2d.size(0);
 
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = out;
@@ -67,35 +99,43 @@ at::Tensor lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& U, const a
   if (poison_output()) y.fill_(std::numeric_limits<double>::quiet_NaN());
   if (M == 0) return y.reshape(out_shape);
 
+  const int device = x.get_device();
+  const DeviceInfo info = device_info(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+
   cuda::LowRankArgs args;
   args.x = x2d.data_ptr();
-  args.U = U_c.data_ptr();
-  args.V = V_c.data_ptr();
   args.bias = bias_c.defined() ? bias_c.data_ptr() : nullptr;
   args.y = y.data_ptr();
   args.M = M;
   args.in = in;
   args.out = out;
   args.rank = rank;
+  args.ldx = M > 1 ? x2d.stride(0) : in;
   args.dtype = dtype;
-
-  const int device = x.get_device();
-  const DeviceInfo info = device_info(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-
-  const bool fused = args.dtype != cuda::DType::kFloat32 && M > cuda::kGemvMaxRows &&
-                     rank <= cuda::kMaxFusedRank && info.cc_major >= 8;
-  if (fused) {
-    C10_CUDA_CHECK(cuda::launch_lowrank_fused_tc(args, info.num_sms, stream));
-  } else {
-    const size_t bytes = cuda::lowrank_gemv_workspace_bytes(args, info.num_sms);
-    // float32 elements, rounded up; the caching allocator's blocks are 16-byte aligned and
-    // stream-ordered, so freeing it when this function returns is safe.
-    const at::Tensor workspace =
-        at::empty({static_cast<int64_t>((bytes + 3) / 4)}, x.options().dtype(at::kFloat));
-    C10_CUDA_CHECK(
-        cuda::launch_lowrank_gemv(args, info.num_sms, workspace.data_ptr(), bytes, stream));
+  auto set_factors = [&] {
+    args.U = U_k.data_ptr();
+    args.V = V_k.data_ptr();
+    args.v_sj = V_k.stride(0);
+    args.v_sk = V_k.stride(1);
+    args.u_sn = U_k.stride(0);
+    args.u_sj = U_k.stride(1);
+  };
+  set_factors();
+  const cuda::LowRankPlan plan = cuda::plan_lowrank(args, {info.num_sms, info.cc_major});
+  if (plan.path == cuda::Path::kGemv && !(V_k.is_contiguous() && U_k.is_contiguous())) {
+    U_k = U_k.contiguous();  // the CUDA-core path reads row-major factors (its plan does not
+    V_k = V_k.contiguous();  // depend on their strides)
+    set_factors();
   }
+
+  const size_t ws_bytes = cuda::workspace_bytes(plan);
+  const at::Tensor workspace = at::empty({static_cast<int64_t>(std::max<size_t>(ws_bytes, 1))},
+                                         x.options().dtype(at::kByte));
+  at::Tensor counters_holder;
+  unsigned* counters = split_counters(x.device(), stream, plan.counters, &counters_holder);
+  C10_CUDA_CHECK(cuda::launch_lowrank(args, plan, workspace.data_ptr(), ws_bytes, counters,
+                                      plan.counters, stream));
   return y.reshape(out_shape);
 }
 

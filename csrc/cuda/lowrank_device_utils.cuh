@@ -1,4 +1,6 @@
-// Device helpers shared by the low-rank kernels (lowrank_gemv.cu, lowrank_fused_tc.cu):
+// Legacy: the low-rank kernels use csrc/cuda/common/ now; only attention_fwd.cu still includes
+// this header (delete it when attention moves to common/, as the attention rewrite does).
+// Device helpers once shared by the low-rank kernels:
 // float <-> storage-dtype conversions, 16-byte vector loads unpacked to float, packing of 8
 // 16-bit values, and a warp sum. Only explicit intrinsics are used for conversions, because
 // torch builds define __CUDA_NO_HALF_CONVERSIONS__ / __CUDA_NO_BFLOAT16_CONVERSIONS__ (no

@@ -1,328 +1,354 @@
-// Small-M ("decode") path of y = (x · Vᵀ) · Uᵀ + bias, every dtype; also the float32 path at any
-// M (no tensor cores: float32 products stay exact IEEE FMAs).
+// CUDA-core path of y = (x · Vᵀ) · Uᵀ + bias: float32 at any M (exact IEEE FMAs: no TF32), and
+// float16 / bfloat16 on GPUs below compute capability 8.0 (no mma.sync m16n8k16). Same structure
+// as the tensor-core path (lowrank_kernels.cuh): a split-K `down` kernel with a deterministic
+// last-block reduction writing t (float32, rounded to the dtype for 16-bit) to a small workspace,
+// then `up`, launched as a programmatic dependent on sm_90.
 //
-// Shapes (row-major, contiguous): x (M, in), V (rank, in), U (out, rank), bias (out) or none,
-// y (M, out). Dtypes float32 / float16 / bfloat16, accumulation in float32. For 16-bit dtypes
-// t = x · Vᵀ is rounded to the dtype before the second product, as the tensor-core path does.
+// down: one block per (rank chunk of 8 V rows, K slice, chunk of <= 8 rows of x), 1-D grid, one
+//   warp per V row. The block stages its x rows for a k tile in shared memory as float32 (16-byte
+//   loads when rows are aligned; no division anywhere: rows and chunks are loop counters), then
+//   each lane streams 16-byte pieces of its V row and accumulates all x rows against each piece,
+//   so V is read once per row chunk. Warp sums give the 8 x 8 partial; the last of the S slices
+//   to arrive (common/splitk.cuh) adds the S partials in slice order and writes t. The split
+//   count depends on the block count alone: S = min(ceil(2 SMs / blocks), 16, in / 256).
+// up: one block per (32 outputs, row chunk); each warp owns 4 outputs: it loads their first 256
+//   U entries (16-byte pieces) before waiting for `down`, then stages t for the row chunk and
+//   accumulates; warp-shuffle sums, + bias, rounded.
 //
-// Two launches with a tiny float32 intermediate in global memory (L2-resident: S x M x rank):
-//   down: partial[s, m, j] = sum over the s-th slice of `in` of x[m, k] * V[j, k]
-//         grid (ceil(rank / 8), S, row chunks); one warp per V row j, lanes striding over k
-//         with 16-byte loads where aligned; the block's x rows (<= 16) for a k tile are staged
-//         in shared memory as float and all of them are accumulated against each V load, so V
-//         is read once per row chunk. Deterministic: no atomics, each (s, m, j) written once.
-//   up:   t[m, j] = sum_s partial[s, m, j] (fixed order, then rounded to the dtype), staged in
-//         shared memory per rank chunk; one warp per 4 output rows n computes
-//         y[m, n] = sum_j t[m, j] * U[n, j] + bias[n] for all rows m of the chunk with a
-//         warp-shuffle reduction.
-// Why two launches: the first product needs all of V for every output, the second all of t.
-// Fusing them in one launch would make every block re-read all of V (rank x in) to rebuild t,
-// or need a grid-wide barrier between the phases (cooperative launch, occupancy limits). The
-// intermediate is only M x rank floats (x S slices), so the round trip through L2 is cheap.
-// S (slices of `in`) exists so that small ranks still put enough blocks on the GPU to stream V
-// at full bandwidth; it is capped so that S x rows-per-chunk <= 16, which bounds how much of
-// the workspace each up-kernel block must re-read.
-//
-// M > 16 is handled by row chunks of 16 along gridDim.z (looped when more than 65535 chunks):
-// every chunk re-reads V and U. Fine for a fallback; large 16-bit M uses the tensor-core path.
+// Expected (H200, in = out = 4096, rank 128, float32, M = 1): V and U are 2 MiB each, streamed by
+// >= 128 blocks per kernel: ~3 us per kernel, ~5 us per call with PDL (torch's two float32 GEMVs
+// ~8 us, to be measured). Large M is a fallback (every row chunk re-reads V and U from L2):
+// float32 at M >= 64 is left to torch by the dispatch (lrkernels/ops/lowrank.py).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
-#include "lowrank_device_utils.cuh"
+#include "common/convert.cuh"
+#include "common/pdl.cuh"
+#include "common/splitk.cuh"
+#include "common/util.cuh"
 #include "lowrank_kernels.cuh"
+#include "lowrank_launch.cuh"
 
 namespace lrkernels {
 namespace cuda {
 namespace {
 
-using detail::ceil_div;
-using detail::kVecElems;
-using detail::load_as_float;
-using detail::min64;
-using detail::to_float;
-using detail::warp_sum;
+using cvt::kVecElems;
+using cvt::to_float;
+using util::min64;
+using util::warp_sum;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kRowsPerChunk = 16;  // rows of x (and y) one block handles at once
-constexpr int kUpRowsPerWarp = 4;  // output rows n per warp in the up kernel
-constexpr int kUpRowsPerBlock = kWarps * kUpRowsPerWarp;
-// Shared staging of both kernels: rows x tile floats (32 KiB, under the 48 KiB static limit).
-// The tile width is kSmemFloats / rows rounded down to a multiple of kTileAlign, so one row
-// of x (decode) gets a long tile and 16 rows still get 512.
-constexpr int kSmemFloats = 8192;
-constexpr int kTileAlign = 256;  // multiple of 32 lanes x 8 elements: keeps vector offsets aligned
-constexpr int kMaxSplits = 8;
-constexpr int64_t kMinSplitLen = 512;  // fewest `in` elements per slice worth a block
-constexpr int64_t kMaxGridYZ = 65535;
+static_assert(kWarps == kGemvRank && kWarps * 4 == kGemvOutRows, "one warp per V row / 4 outputs");
+constexpr int kRows = kGemvRows;  // rows of x per block
+constexpr int kTileK = 1024;      // x tile width (floats per row): 8 x 1024 x 4 = 32 KiB
+constexpr int kUpTile = 256;      // rank entries per step of `up`
+static_assert(kRows * kTileK * 4 <= 48 * 1024, "static shared memory");
 
-__device__ __forceinline__ int tile_width(int rows) {
-  return (kSmemFloats / rows) / kTileAlign * kTileAlign;  // rows <= 16 -> >= 512
-}
-
-// kVec: V rows can be read with 16-byte loads (in % kVecElems<T> == 0, V 16-byte aligned).
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads)
-    lowrank_down_kernel(const T* __restrict__ x, const T* __restrict__ V,
-                        float* __restrict__ partial, int64_t M, int64_t in, int64_t rank,
-                        int64_t split_len) {
-  constexpr int kN = kVec ? kVecElems<T> : 1;
-  __shared__ __align__(16) float xs[kSmemFloats];
-
-  const int warp = threadIdx.x >> 5;
-  const int lane = threadIdx.x & 31;
-  const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  const bool row_ok = j < rank;  // warp-uniform; idle warps still take part in the barriers
-  const int64_t s = blockIdx.y;
-  // This block's slice [k_begin, k_end) of `in`; empty (k_begin >= in) still writes zeros.
-  // split_len is a multiple of 8, so slice starts keep 16-byte alignment of vector loads.
-  const int64_t k_begin = s * split_len;
-  const int64_t k_end = min64(in, k_begin + split_len);
-  const int64_t num_chunks = (M + kRowsPerChunk - 1) / kRowsPerChunk;
-  const T* v_row = V + (row_ok ? j : 0) * in;
-
-  for (int64_t chunk = blockIdx.z; chunk < num_chunks; chunk += gridDim.z) {
-    const int64_t m0 = chunk * kRowsPerChunk;
-    const int rows = static_cast<int>(min64(kRowsPerChunk, M - m0));
-    const int width = tile_width(rows);
-    float acc[kRowsPerChunk];
+// Loads kN consecutive elements at p as float. kN == 1: any alignment; kN == kVecElems<T>: one
+// 16-byte load (p 16-byte aligned). Through L2 (__ldcg): on sm_90 `up` runs these loads while
+// `down` may still be running, and they must never hit a line another kernel left in L1.
+template <typename T, int kN>
+__device__ __forceinline__ void load_floats(const T* p, float (&v)[kN]) {
+  if constexpr (kN == 1) {
+    v[0] = to_float(p[0]);
+  } else {
+    static_assert(kN == kVecElems<T>, "vector loads are exactly 16 bytes");
+    const uint4 raw = __ldcg(reinterpret_cast<const uint4*>(p));
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-    for (int m = 0; m < kRowsPerChunk; ++m) acc[m] = 0.f;
-
-    for (int64_t k0 = k_begin; k0 < k_end; k0 += width) {
-      const int len = static_cast<int>(min64(width, k_end - k0));
-      __syncthreads();  // the previous tile (or row chunk) is no longer being read
-      for (int i = threadIdx.x; i < rows * len; i += kThreads) {
-        const int m = i / len;
-        const int c = i - m * len;
-        xs[m * width + c] = to_float(x[(m0 + m) * in + k0 + c]);
-      }
-      __syncthreads();
-      if (row_ok) {
-        // len is a multiple of kN in the vector case (in % kN == 0, k0 % 8 == 0).
-        for (int c = lane * kN; c < len; c += 32 * kN) {
-          float v[kN];
-          load_as_float<T, kN>(v_row + k0 + c, v);
-#pragma unroll
-          for (int m = 0; m < kRowsPerChunk; ++m) {
-            if (m < rows) {
-              const float* xr = xs + m * width + c;  // 16-byte aligned when kN > 1
-              float sum = acc[m];
-              if constexpr (kN == 1) {
-                sum = fmaf(xr[0], v[0], sum);
-              } else {
-#pragma unroll
-                for (int q = 0; q < kN; q += 4) {
-                  const float4 xv = *reinterpret_cast<const float4*>(xr + q);
-                  sum = fmaf(xv.x, v[q], sum);
-                  sum = fmaf(xv.y, v[q + 1], sum);
-                  sum = fmaf(xv.z, v[q + 2], sum);
-                  sum = fmaf(xv.w, v[q + 3], sum);
-                }
-              }
-              acc[m] = sum;
-            }
-          }
-        }
-      }
-    }
-
-#pragma unroll
-    for (int m = 0; m < kRowsPerChunk; ++m) {
-      if (m < rows) {  // block-uniform, so every lane takes part in the shuffles
-        const float total = warp_sum(acc[m]);
-        if (row_ok && lane == 0) partial[(s * M + m0 + m) * rank + j] = total;
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (sizeof(T) == 4) {
+        v[i] = __uint_as_float(w[i]);
+      } else {
+        v[2 * i] = cvt::unpack_lo<T>(w[i]);
+        v[2 * i + 1] = cvt::unpack_hi<T>(w[i]);
       }
     }
   }
-}
-
-// kVec: U rows can be read with 16-byte loads (rank % kVecElems<T> == 0, U 16-byte aligned).
-// kRoundT: round t to T before the product (16-bit dtypes).
-template <typename T, bool kVec, bool kRoundT>
-__global__ void __launch_bounds__(kThreads)
-    lowrank_up_kernel(const float* __restrict__ partial, int num_splits, const T* __restrict__ U,
-                      const T* __restrict__ bias, T* __restrict__ y, int64_t M, int64_t out,
-                      int64_t rank) {
-  constexpr int kN = kVec ? kVecElems<T> : 1;
-  __shared__ __align__(16) float ts[kSmemFloats];
-
-  const int warp = threadIdx.x >> 5;
-  const int lane = threadIdx.x & 31;
-  const int64_t n_first = static_cast<int64_t>(blockIdx.x) * kUpRowsPerBlock +
-                          static_cast<int64_t>(warp) * kUpRowsPerWarp;
-  const int64_t num_chunks = (M + kRowsPerChunk - 1) / kRowsPerChunk;
-
-  for (int64_t chunk = blockIdx.z; chunk < num_chunks; chunk += gridDim.z) {
-    const int64_t m0 = chunk * kRowsPerChunk;
-    const int rows = static_cast<int>(min64(kRowsPerChunk, M - m0));
-    const int width = tile_width(rows);
-    float acc[kUpRowsPerWarp][kRowsPerChunk];
-#pragma unroll
-    for (int p = 0; p < kUpRowsPerWarp; ++p) {
-#pragma unroll
-      for (int m = 0; m < kRowsPerChunk; ++m) acc[p][m] = 0.f;
-    }
-
-    for (int64_t r0 = 0; r0 < rank; r0 += width) {
-      const int len = static_cast<int>(min64(width, rank - r0));
-      __syncthreads();  // the previous rank chunk (or row chunk) is no longer being read
-      for (int i = threadIdx.x; i < rows * len; i += kThreads) {
-        const int m = i / len;
-        const int c = i - m * len;
-        const float* src = partial + (m0 + m) * rank + r0 + c;
-        float t = 0.f;
-        for (int s = 0; s < num_splits; ++s) t += src[static_cast<int64_t>(s) * M * rank];
-        if constexpr (kRoundT) t = to_float(detail::from_float<T>(t));
-        ts[m * width + c] = t;
-      }
-      __syncthreads();
-      // len is a multiple of kN in the vector case (rank % kN == 0, r0 % 256 == 0).
-      for (int c = lane * kN; c < len; c += 32 * kN) {
-        float u[kUpRowsPerWarp][kN];
-#pragma unroll
-        for (int p = 0; p < kUpRowsPerWarp; ++p) {
-          const int64_t n = n_first + p;
-          if (n < out) {
-            load_as_float<T, kN>(U + n * rank + r0 + c, u[p]);
-          } else {
-#pragma unroll
-            for (int q = 0; q < kN; ++q) u[p][q] = 0.f;
-          }
-        }
-#pragma unroll
-        for (int m = 0; m < kRowsPerChunk; ++m) {
-          if (m < rows) {
-            // One read of t serves all of the warp's output rows.
-            float tv[kN];
-            const float* tr = ts + m * width + c;  // 16-byte aligned when kN > 1
-            if constexpr (kN == 1) {
-              tv[0] = tr[0];
-            } else {
-#pragma unroll
-              for (int q = 0; q < kN; q += 4) {
-                const float4 t4 = *reinterpret_cast<const float4*>(tr + q);
-                tv[q] = t4.x;
-                tv[q + 1] = t4.y;
-                tv[q + 2] = t4.z;
-                tv[q + 3] = t4.w;
-              }
-            }
-#pragma unroll
-            for (int p = 0; p < kUpRowsPerWarp; ++p) {
-              float sum = acc[p][m];
-#pragma unroll
-              for (int q = 0; q < kN; ++q) sum = fmaf(tv[q], u[p][q], sum);
-              acc[p][m] = sum;
-            }
-          }
-        }
-      }
-    }
-
-#pragma unroll
-    for (int p = 0; p < kUpRowsPerWarp; ++p) {
-      const int64_t n = n_first + p;
-      const float b = (bias != nullptr && n < out) ? to_float(bias[n]) : 0.f;
-#pragma unroll
-      for (int m = 0; m < kRowsPerChunk; ++m) {
-        if (m < rows) {  // block-uniform, so every lane takes part in the shuffles
-          const float total = warp_sum(acc[p][m]);
-          if (lane == 0 && n < out) y[(m0 + m) * out + n] = detail::from_float<T>(total + b);
-        }
-      }
-    }
-  }
-}
-
-// Number of slices S of `in` for the down kernel: enough blocks for ~2 waves, at most
-// kMaxSplits, at most 16 / rows-per-chunk (workspace re-read by the up kernel), at least
-// kMinSplitLen elements per slice. Must be a pure function of (args, num_sms): the workspace
-// size and the launch both call it.
-int choose_num_splits(const LowRankArgs& a, int num_sms) {
-  const int64_t rows = std::min<int64_t>(a.M, kRowsPerChunk);
-  const int64_t chunks = std::min(ceil_div(a.M, kRowsPerChunk), kMaxGridYZ);
-  const int64_t blocks = ceil_div(a.rank, kWarps) * chunks;
-  int64_t s = ceil_div(2 * static_cast<int64_t>(std::max(num_sms, 1)), blocks);
-  s = std::min<int64_t>(s, kMaxSplits);
-  s = std::min<int64_t>(s, std::max<int64_t>(1, kRowsPerChunk / std::max<int64_t>(rows, 1)));
-  s = std::min<int64_t>(s, std::max<int64_t>(1, ceil_div(a.in, kMinSplitLen)));
-  return static_cast<int>(std::max<int64_t>(s, 1));
 }
 
 template <typename T>
-cudaError_t launch_typed(const LowRankArgs& a, int num_splits, float* partial,
-                         cudaStream_t stream) {
-  const T* x = static_cast<const T*>(a.x);
-  const T* U = static_cast<const T*>(a.U);
-  const T* V = static_cast<const T*>(a.V);
-  const T* bias = static_cast<const T*>(a.bias);
-  T* y = static_cast<T*>(a.y);
+struct GemvParams {
+  const T* x;
+  const T* V;  // row-major (rank, in)
+  const T* U;  // row-major (out, rank)
+  const T* bias;
+  T* y;
+  float* t;  // (M, ldt) float32
+  float* partial;
+  unsigned* counters;
+  int64_t M, in, out, rank, ldx, ldt;
+  int64_t slice, rank_chunks, up_col_blocks;
+  int splits;
+};
+
+// kVecX: x rows 16-byte loadable (in and ldx multiples of kVecElems<T>, x 16-byte aligned);
+// kVecV: V rows likewise. kRound: round t to T (16-bit dtypes).
+template <typename T, bool kVecX, bool kVecV, bool kRound>
+__global__ void __launch_bounds__(kThreads, 2) lowrank_gemv_down_kernel(const GemvParams<T> p) {
+  constexpr int kNX = kVecX ? kVecElems<T> : 1;
+  constexpr int kNV = kVecV ? kVecElems<T> : 1;
+  __shared__ __align__(16) float xs[kRows * kTileK];
+  __shared__ int last_flag[1];
+
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t bid = blockIdx.x;
+  const int64_t rc = bid % p.rank_chunks;
+  const int64_t rest = bid / p.rank_chunks;
+  const int s = static_cast<int>(rest % p.splits);
+  const int64_t chunk = rest / p.splits;
+  const int64_t m0 = chunk * kRows;
+  const int rows = static_cast<int>(min64(kRows, p.M - m0));
+  const int64_t j = rc * kGemvRank + warp;
+  const bool row_ok = j < p.rank;  // warp-uniform; idle warps still take part in the barriers
+  const T* v_row = p.V + (row_ok ? j : 0) * p.in;
+  const int64_t k_begin = s * p.slice;
+  const int64_t k_end = min64(p.in, k_begin + p.slice);
+
+  pdl::wait();  // x and V may be written by the previous kernel of the stream
+  pdl::launch_dependents();
+
+  float acc[kRows];
+#pragma unroll
+  for (int m = 0; m < kRows; ++m) acc[m] = 0.f;
+
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kTileK) {
+    const int len = static_cast<int>(min64(kTileK, k_end - k0));  // a multiple of kNX
+    __syncthreads();  // the previous tile is no longer being read
+    for (int m = 0; m < rows; ++m) {
+      const T* src = p.x + (m0 + m) * p.ldx + k0;
+      float* dst = xs + m * kTileK;
+      for (int c = static_cast<int>(threadIdx.x) * kNX; c < len; c += kThreads * kNX) {
+        float v[kNX];
+        load_floats<T, kNX>(src + c, v);
+#pragma unroll
+        for (int q = 0; q < kNX; ++q) dst[c + q] = v[q];
+      }
+    }
+    __syncthreads();
+    if (row_ok) {
+      for (int c = lane * kNV; c < len; c += 32 * kNV) {  // len % kNV == 0 when kVecV
+        float v[kNV];
+        load_floats<T, kNV>(v_row + k0 + c, v);
+#pragma unroll
+        for (int m = 0; m < kRows; ++m) {
+          if (m < rows) {
+            const float* xr = xs + m * kTileK + c;
+            float sum = acc[m];
+#pragma unroll
+            for (int q = 0; q < kNV; ++q) sum = fmaf(xr[q], v[q], sum);
+            acc[m] = sum;
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kRows; ++m) acc[m] = warp_sum(acc[m]);  // every lane holds the sums
+
+  if (p.splits > 1) {
+    constexpr int kTileFloats = kRows * kGemvRank;
+    const int64_t tile = chunk * p.rank_chunks + rc;
+    float* base = p.partial + tile * p.splits * kTileFloats;
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < kRows; ++m) {
+        if (m < rows) base[s * kTileFloats + m * kGemvRank + warp] = acc[m];
+      }
+    }
+    if (!splitk::arrive_last(p.counters + tile, static_cast<unsigned>(p.splits), last_flag)) {
+      return;
+    }
+    const int t_id = static_cast<int>(threadIdx.x);
+    if (t_id < rows * kGemvRank) {  // one (row, V row) element per thread, in slice order
+      float sum = 0.f;
+      for (int q = 0; q < p.splits; ++q) sum += __ldcg(base + q * kTileFloats + t_id);
+      const int m = t_id / kGemvRank, w = t_id % kGemvRank;  // powers of two: shifts
+      if constexpr (kRound) sum = to_float(cvt::from_float<T>(sum));
+      p.t[(m0 + m) * p.ldt + rc * kGemvRank + w] = sum;
+    }
+    return;
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int m = 0; m < kRows; ++m) {
+      if (m < rows) {
+        const float total = kRound ? to_float(cvt::from_float<T>(acc[m])) : acc[m];
+        p.t[(m0 + m) * p.ldt + j] = total;  // j < ldt; rows j >= rank get exact zeros
+      }
+    }
+  }
+}
+
+// kVecU: U rows 16-byte loadable (rank % kVecElems == 0, U aligned).
+template <typename T, bool kVecU>
+__global__ void __launch_bounds__(kThreads, 2) lowrank_gemv_up_kernel(const GemvParams<T> p) {
+  constexpr int kN = kVecU ? kVecElems<T> : 1;
+  constexpr int kPieces = kUpTile / (32 * kN);  // pieces of kN per lane per step
+  __shared__ __align__(16) float ts[kRows * kUpTile];
+
+  const int warp = static_cast<int>(threadIdx.x) >> 5;
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  const int64_t bid = blockIdx.x;
+  const int64_t nb = bid % p.up_col_blocks;
+  const int64_t chunk = bid / p.up_col_blocks;
+  const int64_t m0 = chunk * kRows;
+  const int rows = static_cast<int>(min64(kRows, p.M - m0));
+  const int64_t n_first = nb * kGemvOutRows + warp * 4;
+
+  float acc[4][kRows];
+#pragma unroll
+  for (int o = 0; o < 4; ++o) {
+#pragma unroll
+    for (int m = 0; m < kRows; ++m) acc[o][m] = 0.f;
+  }
+  float u[4][kPieces][kN];
+  auto load_u = [&](int64_t r0) {
+#pragma unroll
+    for (int o = 0; o < 4; ++o) {
+#pragma unroll
+      for (int i = 0; i < kPieces; ++i) {
+        const int64_t c = r0 + (i * 32 + lane) * kN;
+        if (n_first + o < p.out && c < p.rank) {
+          load_floats<T, kN>(p.U + (n_first + o) * p.rank + c, u[o][i]);
+        } else {
+#pragma unroll
+          for (int q = 0; q < kN; ++q) u[o][i][q] = 0.f;
+        }
+      }
+    }
+  };
+  load_u(0);    // U is never written by `down`: stream it before waiting
+  pdl::wait();  // t is
+  pdl::launch_dependents();
+
+  for (int64_t r0 = 0; r0 < p.ldt; r0 += kUpTile) {
+    const int width = static_cast<int>(min64(kUpTile, p.ldt - r0));  // a multiple of 8
+    if (r0 > 0) load_u(r0);
+    __syncthreads();  // the previous step's t is no longer being read
+    for (int m = 0; m < rows; ++m) {
+      for (int c = static_cast<int>(threadIdx.x) * 4; c < width; c += kThreads * 4) {
+        *reinterpret_cast<float4*>(ts + m * kUpTile + c) =
+            __ldcg(reinterpret_cast<const float4*>(p.t + (m0 + m) * p.ldt + r0 + c));
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kPieces; ++i) {
+      const int c = (i * 32 + lane) * kN;
+      if (c < width) {  // U pieces past `rank` are zeros, t columns past `rank` too
+#pragma unroll
+        for (int m = 0; m < kRows; ++m) {
+          if (m < rows) {
+            const float* tr = ts + m * kUpTile + c;
+#pragma unroll
+            for (int o = 0; o < 4; ++o) {
+              float sum = acc[o][m];
+#pragma unroll
+              for (int q = 0; q < kN; ++q) sum = fmaf(tr[q], u[o][i][q], sum);
+              acc[o][m] = sum;
+            }
+          }
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int o = 0; o < 4; ++o) {
+    const int64_t n = n_first + o;
+    const float b = (p.bias != nullptr && n < p.out) ? to_float(p.bias[n]) : 0.f;
+#pragma unroll
+    for (int m = 0; m < kRows; ++m) {
+      if (m < rows) {  // block-uniform, so every lane takes part in the shuffles
+        const float total = warp_sum(acc[o][m]);
+        if (lane == 0 && n < p.out) p.y[(m0 + m) * p.out + n] = cvt::from_float<T>(total + b);
+      }
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch_typed(const LowRankArgs& a, const LowRankPlan& plan, void* workspace,
+                         unsigned* counters, cudaStream_t stream) {
+  GemvParams<T> p;
+  p.x = static_cast<const T*>(a.x);
+  p.V = static_cast<const T*>(a.V);
+  p.U = static_cast<const T*>(a.U);
+  p.bias = static_cast<const T*>(a.bias);
+  p.y = static_cast<T*>(a.y);
+  p.t = static_cast<float*>(workspace);
+  p.partial =
+      reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + partial_offset(plan));
+  p.counters = counters;
+  p.M = a.M;
+  p.in = a.in;
+  p.out = a.out;
+  p.rank = a.rank;
+  p.ldx = a.ldx;
+  p.ldt = plan.ldt;
+  p.slice = plan.slice;
+  p.rank_chunks = plan.rank_chunks;
+  p.up_col_blocks = plan.up_col_tiles;
+  p.splits = plan.splits;
+
   constexpr int kN = kVecElems<T>;
-
-  // Slice length: a multiple of 8 elements so every slice start keeps vector alignment.
-  const int64_t split_len = ceil_div(ceil_div(a.in, num_splits), 8) * 8;
-  const unsigned grid_z = static_cast<unsigned>(std::min(ceil_div(a.M, kRowsPerChunk), kMaxGridYZ));
-
-  const dim3 down_grid(static_cast<unsigned>(ceil_div(a.rank, kWarps)),
-                       static_cast<unsigned>(num_splits), grid_z);
-  const bool vec_v = a.in % kN == 0 && detail::is_aligned16(V);
-  if (vec_v) {
-    lowrank_down_kernel<T, true>
-        <<<down_grid, kThreads, 0, stream>>>(x, V, partial, a.M, a.in, a.rank, split_len);
-  } else {
-    lowrank_down_kernel<T, false>
-        <<<down_grid, kThreads, 0, stream>>>(x, V, partial, a.M, a.in, a.rank, split_len);
-  }
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-
   constexpr bool kRound = !std::is_same<T, float>::value;
-  const dim3 up_grid(static_cast<unsigned>(ceil_div(a.out, kUpRowsPerBlock)), 1, grid_z);
-  const bool vec_u = a.rank % kN == 0 && detail::is_aligned16(U);
-  if (vec_u) {
-    lowrank_up_kernel<T, true, kRound>
-        <<<up_grid, kThreads, 0, stream>>>(partial, num_splits, U, bias, y, a.M, a.out, a.rank);
+  const bool vec_x = a.in % kN == 0 && a.ldx % kN == 0 && plan_detail::aligned16(a.x);
+  const bool vec_v = a.in % kN == 0 && plan_detail::aligned16(a.V);
+  const bool vec_u = a.rank % kN == 0 && plan_detail::aligned16(a.U);
+  const dim3 down_grid(static_cast<unsigned>(plan.down_blocks()));
+  const dim3 up_grid(static_cast<unsigned>(plan.up_blocks()));
+  using lowrank_launch::launch;
+  cudaError_t err;
+  if (vec_x && vec_v) {
+    err = launch(plan.pdl, lowrank_gemv_down_kernel<T, true, true, kRound>, down_grid, kThreads, 0,
+                 stream, p);
+  } else if (vec_v) {
+    err = launch(plan.pdl, lowrank_gemv_down_kernel<T, false, true, kRound>, down_grid, kThreads, 0,
+                 stream, p);
   } else {
-    lowrank_up_kernel<T, false, kRound>
-        <<<up_grid, kThreads, 0, stream>>>(partial, num_splits, U, bias, y, a.M, a.out, a.rank);
+    err = launch(plan.pdl, lowrank_gemv_down_kernel<T, false, false, kRound>, down_grid, kThreads,
+                 0, stream, p);
   }
-  return cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  if (vec_u) {
+    return launch(plan.pdl, lowrank_gemv_up_kernel<T, true>, up_grid, kThreads, 0, stream, p);
+  }
+  return launch(plan.pdl, lowrank_gemv_up_kernel<T, false>, up_grid, kThreads, 0, stream, p);
 }
 
 }  // namespace
 
-size_t lowrank_gemv_workspace_bytes(const LowRankArgs& args, int num_sms) {
-  if (args.M <= 0 || args.rank <= 0) return 0;
-  const int num_splits = choose_num_splits(args, num_sms);
-  return static_cast<size_t>(num_splits) * static_cast<size_t>(args.M) *
-         static_cast<size_t>(args.rank) * sizeof(float);
-}
-
-cudaError_t launch_lowrank_gemv(const LowRankArgs& args, int num_sms, void* workspace,
-                                size_t workspace_bytes, cudaStream_t stream) {
-  if (args.M < 0 || args.in < 1 || args.out < 1 || args.rank < 1) return cudaErrorInvalidValue;
-  if (args.M == 0) return cudaSuccess;
-  if (args.x == nullptr || args.U == nullptr || args.V == nullptr || args.y == nullptr ||
-      workspace == nullptr) {
+cudaError_t launch_lowrank_gemv(const LowRankArgs& args, const LowRankPlan& plan, void* workspace,
+                                unsigned* counters, cudaStream_t stream) {
+  // This path reads V and U row-major (the torch launcher copies other layouts) and keeps the
+  // slices a multiple of 8 elements (16-byte aligned x / V pieces).
+  if (args.v_sk != 1 || args.v_sj != args.in || args.u_sj != 1 || args.u_sn != args.rank ||
+      plan.slice % 8 != 0 || (args.in + plan.slice - 1) / plan.slice != plan.splits ||
+      plan.row_tiles != (args.M + kRows - 1) / kRows ||
+      plan.rank_chunks != (args.rank + kGemvRank - 1) / kGemvRank ||
+      plan.ldt != plan.rank_chunks * kGemvRank ||
+      plan.up_col_tiles != (args.out + kGemvOutRows - 1) / kGemvOutRows ||
+      plan.up_row_tiles != plan.row_tiles || plan.down_blocks() > 0x7fffffff ||
+      plan.up_blocks() > 0x7fffffff || (plan.splits > 1 && counters == nullptr)) {
     return cudaErrorInvalidValue;
   }
-  if (workspace_bytes < lowrank_gemv_workspace_bytes(args, num_sms)) return cudaErrorInvalidValue;
-  const int num_splits = choose_num_splits(args, num_sms);
-  float* partial = static_cast<float*>(workspace);
   switch (args.dtype) {
     case DType::kFloat32:
-      return launch_typed<float>(args, num_splits, partial, stream);
+      return launch_typed<float>(args, plan, workspace, counters, stream);
     case DType::kFloat16:
-      return launch_typed<__half>(args, num_splits, partial, stream);
+      return launch_typed<__half>(args, plan, workspace, counters, stream);
     case DType::kBFloat16:
-      return launch_typed<__nv_bfloat16>(args, num_splits, partial, stream);
+      return launch_typed<__nv_bfloat16>(args, plan, workspace, counters, stream);
   }
   return cudaErrorInvalidValue;
 }

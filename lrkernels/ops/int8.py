@@ -282,7 +282,7 @@ backends.register_reasons(_OP, _reasons)
 
 def _dispatch_features(x: Tensor, qweight: Tensor, scales: Tensor, bias=None) -> dict:
     """What auto selection keys on (lrkernels.dispatch): Python ints from the shapes only."""
-    n, k = qweight.shape
+    n, k = weight_shape(qweight, scales)
     group = 0 if scales.dim() == 1 else k // scales.shape[1]
     return {
         "M": dispatch.rows_of(x),
@@ -298,22 +298,16 @@ def _dispatch_rule(device: str, dtype: str, f) -> tuple[tuple[str, ...], str]:
     copies written and read: about 20 bytes per weight against the kernels' 1), which the
     kernels beat wherever the weight's bytes dominate: small M."""
     if device == "cuda":
-        if f["M"] <= 1:
-            return ("cuda", "triton"), (
-                "M = 1: weight streaming; static estimate (issue 8): the cuda GEMV at 65-75% of "
-                "copy bandwidth, the triton kernel at about a bf16 F.linear's time, the torch "
-                "path (dequantize every call, ~20 bytes per weight) several times slower"
-            )
         if f["M"] <= 256:
-            return ("triton", "cuda"), (
-                "M <= 256: static estimate (issue 8): the triton kernel at about 1.0x of a bf16 "
-                "F.linear up to M = 16 and somewhat less at M = 64, the cuda kernels at 0.2-0.5x; "
+            return ("cuda", "triton"), (
+                "M <= 256: static estimate (issue 8): the cuda tensor-core kernels stream the "
+                "packed weight at ~1.3-1.8x of a bf16 F.linear, the triton kernel at about 1.0x; "
                 "both ahead of the torch path, which dequantizes the whole weight every call"
             )
-        return ("torch",), (
-            "M > 256: static estimate (issue 8): the int8 kernels at 0.45-0.6x of cuBLAS at "
-            "M = 4096, where dequantizing once per call costs the torch path little; torch until "
-            "measured"
+        return ("cuda", "torch"), (
+            "M > 256: the cuda backend's own choice (lrkernels.ops.int8.cuda_path): its kernel "
+            "below M = 512, above that one dequantize pass + cuBLAS, which the torch path "
+            "(several dequantize ops) cannot beat; torch where cuda cannot run"
         )
     return (
         "torch",

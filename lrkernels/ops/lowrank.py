@@ -137,6 +137,31 @@ def check_lowrank_linear_args(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | No
         )
 
 
+def kernel_expected_faster(
+    backend: str, M: int, in_features: int, out_features: int, rank: int, dtype: torch.dtype
+) -> bool:
+    """Whether `backend`'s kernels are expected to beat torch's two matmuls (cuBLAS) on a
+    ``(M, in) -> (M, out)`` call of this rank: the crossover of auto selection and of the input
+    gradient. A conservative default from the bytes/FLOPs model of the kernels' header comments
+    (csrc/cuda/lowrank_tc_*.cu, triton_kernels/lowrank.py), until the measured dispatch table
+    replaces it:
+
+    - cuda, float16/bfloat16: M <= 1024. Small M is latency-bound: two launches of which the
+      second overlaps the first (PDL), against two cuBLAS launches. Above, the work is streaming
+      x or y at tensor-core rate, where cuBLAS's wgmma (sm_90) outruns these mma.sync kernels.
+    - cuda, float32: M <= 16 (CUDA-core GEMVs; above, cuBLAS's SGEMM).
+    - triton, float16/bfloat16: 16 < M <= 1024 (its split counters cost a memset per call, which
+      loses to cuBLAS at decode sizes); float32 never (IEEE dots on CUDA cores).
+    - cpu / torch: no crossover.
+    """
+    del in_features, out_features, rank  # the default depends on M alone; the table will not
+    if backend == "cuda":
+        return M <= (16 if dtype == torch.float32 else 1024)
+    if backend == "triton":
+        return dtype != torch.float32 and 16 < M <= 1024
+    return True
+
+
 def _reasons(backend: str, x: Tensor, U: Tensor, V: Tensor, bias, *, explicit: bool) -> list[str]:
     """Why `backend` cannot take these (already validated) inputs; [] when it can."""
     reasons = backends.device_and_dtype_reasons(backend, x, explicit=explicit)
@@ -155,13 +180,20 @@ def _dispatch_features(x: Tensor, U: Tensor, V: Tensor, bias=None) -> dict:
 
 
 def _dispatch_rule(device: str, dtype: str, f) -> tuple[tuple[str, ...], str]:
-    """Backends in the order they are expected to win where the measured table has no row.
-    Nothing here has been measured faster than torch's two matmuls yet, so: torch."""
+    """Backends in the order they are expected to win where the measured table has no row: on a
+    GPU the kernels where `kernel_expected_faster` says they beat torch's two matmuls (a static
+    estimate), torch otherwise; on the CPU torch."""
     if device == "cuda":
-        return ("torch",), (
-            "static estimate (issue 9): the cuda kernels reach about 0.5-1.1x of torch's two "
-            "matmuls at M <= 16 and less above, the triton kernel less at every M; torch until "
-            "a measurement says otherwise"
+        torch_dtype = getattr(torch, dtype)
+        order = tuple(
+            b
+            for b in ("cuda", "triton")
+            if kernel_expected_faster(b, f["M"], f["in"], f["out"], f["rank"], torch_dtype)
+        )
+        return order + ("torch",), (
+            "static estimate (issue 9, lrkernels.ops.lowrank.kernel_expected_faster): cuda "
+            "kernels at M <= 1024 (float32: M <= 16), triton at 16 < M <= 1024 in 16 bits, "
+            "torch's two matmuls elsewhere, until a measurement says otherwise"
         )
     return ("torch",), (
         "on the CPU torch's two matmuls (the cpu backend measured 0.40-0.88x of their speed, "
@@ -189,16 +221,23 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = len(inputs) > 3 and inputs[3] is not None
 
 
-def _make_backward(op):
+def _make_backward(op, backend: str):
     def backward(ctx, dy: Tensor):
         x, U, V = ctx.saved_tensors
         n_inputs = len(ctx.needs_input_grad)  # 3 when the call left bias at its default
         need_x, need_U, need_V, need_b = (*ctx.needs_input_grad, False)[:4]
         dx = dU = dV = db = None
-        if need_x:
-            dx = op(dy, V.t(), U.t(), None)  # dy · U · V: the same fused low-rank product
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])
+        if need_x:
+            # dy · U · V: the same fused low-rank product, with the transposed factors read in
+            # place; torch's two matmuls where the kernel is not expected to win.
+            if dy.is_cuda and not kernel_expected_faster(
+                backend, dy2.shape[0], U.shape[0], V.shape[1], V.shape[0], dy.dtype
+            ):
+                dx = lowrank_linear_reference(dy, V.t(), U.t())
+            else:
+                dx = op(dy, V.t(), U.t(), None)
         if need_U:
             dU = dy2.t() @ (x2 @ V.t())
         if need_V:
@@ -214,7 +253,7 @@ if _ext.has_op(_OP):
     torch.library.register_fake(f"lrkernels::{_OP}")(_fake)
     torch.library.register_autograd(
         f"lrkernels::{_OP}",
-        _make_backward(lambda *a: torch.ops.lrkernels.lowrank_linear(*a)),
+        _make_backward(lambda *a: torch.ops.lrkernels.lowrank_linear(*a), "cuda"),
         setup_context=_setup_context,
     )
 
@@ -249,6 +288,6 @@ def _register_triton_ops() -> None:
 
     torch.library.register_autograd(
         "lrkernels::lowrank_linear_triton",
-        _make_backward(lambda *a: torch.ops.lrkernels.lowrank_linear_triton(*a)),
+        _make_backward(lambda *a: torch.ops.lrkernels.lowrank_linear_triton(*a), "triton"),
         setup_context=_setup_context,
     )

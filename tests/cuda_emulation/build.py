@@ -63,7 +63,11 @@ class Family:
 
 
 FAMILIES = {
-    "lowrank": Family("lowrank", ("lowrank_gemv.cu", "lowrank_fused_tc.cu"), "lowrank_driver.cpp"),
+    "lowrank": Family(
+        "lowrank",
+        ("lowrank_gemv.cu", "lowrank_tc_down.cu", "lowrank_tc_up.cu"),
+        "lowrank_driver.cpp",
+    ),
     "int8": Family(
         "int8", ("int8_mma_fwd.cu", "int8_mma_tr.cu", "int8_dequant.cu"), "int8_driver.cpp"
     ),

@@ -1,6 +1,6 @@
 // Device intrinsics the kernels call, on the host (mapped by prelude.h). Exact: bit casts,
 // __byte_perm, single IEEE roundings (__fmul_rn etc.; the build uses -ffp-contract=off so that
-// nothing else fuses). __ldg is a plain load: there is no read-only cache to model.
+// nothing else fuses). __ldg and __ldcg are plain loads: there are no caches to model.
 #pragma once
 
 #include <atomic>

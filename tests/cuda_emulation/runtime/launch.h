@@ -322,6 +322,28 @@ void launch(const char* name, void (*kernel)(P...), const LaunchConfig& cfg, A&&
   run_grid(name, cfg, static_cast<size_t>(device().smem_optin), body);
 }
 
+// cudaLaunchKernelEx(&config, kernel, args...): the same launch. Attributes: programmatic stream
+// serialization (PDL) is accepted and counted (pdl_launch_count); the launch still runs after
+// the previous one has completed, which is one of the orders PDL allows (the kernel's
+// griddepcontrol.wait is then a no-op). Other attributes abort.
+inline long long& pdl_launch_count() {
+  static long long n = 0;
+  return n;
+}
+template <class... P, class... A>
+cudaError_t launch_kernel_ex(const cudaLaunchConfig_t* config, void (*kernel)(P...), A&&... args) {
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    if (config->attrs[i].id != cudaLaunchAttributeProgrammaticStreamSerialization) {
+      fatal("cudaLaunchKernelEx: launch attribute not emulated");
+    }
+    if (config->attrs[i].val.programmaticStreamSerializationAllowed != 0) ++pdl_launch_count();
+  }
+  launch("cudaLaunchKernelEx", kernel,
+         LaunchConfig{config->gridDim, config->blockDim, config->dynamicSmemBytes},
+         std::forward<A>(args)...);
+  return std::exchange(last_error(), cudaSuccess);
+}
+
 // Stand-ins for the runtime calls the launchers make (cudaGetLastError etc., see prelude.h).
 
 inline cudaError_t get_last_error() { return std::exchange(last_error(), cudaSuccess); }

@@ -66,3 +66,4 @@ using std::fmaf;  // device fmaf: one rounding, like std::fmaf
 #define cudaGetDevice emu::get_device
 #define cudaDeviceGetAttribute emu::device_get_attribute
 #define cudaFuncSetAttribute emu::func_set_attribute
+#define cudaLaunchKernelEx emu::launch_kernel_ex
