@@ -65,6 +65,18 @@ class Family:
 FAMILIES = {
     "lowrank": Family("lowrank", ("lowrank_gemv.cu", "lowrank_fused_tc.cu"), "lowrank_driver.cpp"),
     "int8": Family("int8", ("int8_gemv.cu", "int8_gemm_tc.cu"), "int8_driver.cpp"),
+    "attention": Family(
+        "attention",
+        (
+            "attention_fwd.cu",
+            "attention_fwd_f16.cu",
+            "attention_fwd_bf16.cu",
+            "attention_bwd.cu",
+            "attention_bwd_f16.cu",
+            "attention_bwd_bf16.cu",
+        ),
+        "attention_driver.cpp",
+    ),
     "primitives": Family("primitives", ("primitives.cu",), "primitives_driver.cpp", "kernels"),
 }
 
