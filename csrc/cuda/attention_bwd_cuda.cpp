@@ -1,8 +1,9 @@
 // CUDA implementation of lrkernels::block_sparse_attention_bwd (docs/attention.md): the
 // gradients dq, dk, dv of block-sparse softmax attention, recomputing the softmax from the
 // forward's lse. Torch-side glue only (host compiler, no device code): argument checks, the
-// CUDA kernels' limits, device guard, contiguity, allocation, stream. The kernels are behind
-// the torch-free API of attention_kernels.cuh (attention_bwd.cu).
+// CUDA kernels' limits, device guard, alignment / contiguity (copies where needed), workspace,
+// allocation, stream. The kernels are behind the torch-free API of attention_kernels.cuh
+// (attention_bwd.cu).
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -16,6 +17,7 @@
 
 #include "../common/checks.h"
 #include "attention_kernels.cuh"
+#include "attention_launch.h"
 #include "launch_utils.h"
 
 namespace lrkernels {
@@ -23,46 +25,13 @@ namespace {
 
 constexpr const char* kOp = "block_sparse_attention_bwd (cuda backend)";
 
+using attention_launch::block_list;
+using attention_launch::contiguous_aligned;
+using attention_launch::strides_of;
+using attention_launch::with_aligned_rows;
 using cuda_launch::poison_output;
 
 int compute_capability_major(int device) { return cuda_launch::device_info(device).cc_major; }
-
-// q / k / v keep their strides when the head dimension is contiguous (or of size 1).
-at::Tensor unit_last_stride(const at::Tensor& t) {
-  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
-}
-
-cuda::AttnStrides strides_of(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2)};
-}
-
-// A CSR-like block list from its (already checked) tensors; `keep` holds the contiguous copies
-// alive until the launch has been enqueued.
-cuda::BlockList block_list(const at::Tensor& counts, const at::Tensor& indices,
-                           const std::optional<at::Tensor>& full_counts,
-                           const std::optional<at::Tensor>& full_indices, at::Tensor (&keep)[4]) {
-  keep[0] = counts.contiguous();
-  keep[1] = indices.contiguous();
-  const bool has_full = full_counts.has_value() && full_counts->defined() &&
-                        full_indices.has_value() && full_indices->defined();
-  keep[2] = has_full ? full_counts->contiguous() : at::Tensor();
-  keep[3] = has_full ? full_indices->contiguous() : at::Tensor();
-
-  const int64_t Bl = keep[0].size(0);
-  const int64_t Hl = keep[0].size(1);
-  const int64_t n_rows = keep[0].size(2);
-  cuda::BlockList l;
-  l.counts = keep[0].data_ptr<int32_t>();
-  l.indices = keep[1].numel() > 0 ? keep[1].data_ptr<int32_t>() : nullptr;
-  l.full_counts = has_full ? keep[2].data_ptr<int32_t>() : nullptr;
-  l.full_indices = has_full && keep[3].numel() > 0 ? keep[3].data_ptr<int32_t>() : nullptr;
-  l.batch_stride = Bl == 1 ? 0 : Hl * n_rows;
-  l.head_stride = Hl == 1 ? 0 : n_rows;
-  l.n_row_blocks = n_rows;
-  l.max_blocks = keep[1].size(3);
-  l.max_full_blocks = has_full ? keep[3].size(3) : 0;
-  return l;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -95,10 +64,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_bwd_cuda(
   const int64_t Sq = q.size(2);
   const int64_t Hkv = k.size(1);
   const int64_t Sk = k.size(2);
-  // Grid limits: batch and heads are grid dimensions y / z (<= 65535).
+  // Grid limits (batch and heads are grid dimensions) and the kernels' 32-bit indices within a
+  // head.
   TORCH_CHECK(B <= 65535, kOp, ": the batch size (q.size(0)) must be at most 65535, got ", B);
   TORCH_CHECK(Hq <= 65535, kOp,
               ": the number of query heads (q.size(1)) must be at most 65535, got ", Hq);
+  TORCH_CHECK(Sq < (int64_t{1} << 30) && Sk < (int64_t{1} << 30), kOp,
+              ": sequence lengths must be below 2^30, got Sq = ", Sq, ", Sk = ", Sk);
 
   const c10::cuda::CUDAGuard device_guard(q.device());
 
@@ -125,19 +97,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_bwd_cuda(
               ": needs a GPU of compute capability 8.0 or newer (bf16 tensor cores); use the "
               "triton or torch backend");
 
-  const at::Tensor q_c = unit_last_stride(q);
-  const at::Tensor k_c = unit_last_stride(k);
-  const at::Tensor v_c = unit_last_stride(v);
-  const at::Tensor dout_c = dout.contiguous();
-  const at::Tensor out_c = out.contiguous();
+  const at::Tensor q_c = with_aligned_rows(q);
+  const at::Tensor k_c = with_aligned_rows(k);
+  const at::Tensor v_c = with_aligned_rows(v);
+  const at::Tensor dout_c = contiguous_aligned(dout);
+  const at::Tensor out_c = contiguous_aligned(out);
   const at::Tensor lse_c = lse.contiguous();
-  // Δ = rowsum(dO ∘ O), float32 workspace; freeing it when this function returns is safe
-  // (the caching allocator is stream-ordered).
-  const at::Tensor delta = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
 
   at::Tensor keep_kv[4];
   at::Tensor keep_q[4];
-  cuda::AttnBwdArgs args;
+  cuda::AttnBwdArgs args{};
   args.shape.B = B;
   args.shape.Hq = Hq;
   args.shape.Hkv = Hkv;
@@ -161,7 +130,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_bwd_cuda(
   args.lse = lse_c.data_ptr<float>();
   args.kv = block_list(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, keep_kv);
   args.q_blocks = block_list(q_num_blocks, q_indices, full_q_num_blocks, full_q_indices, keep_q);
-  args.delta = delta.data_ptr<float>();
+  // Workspace (lse2, Δ, dQ running sums, counters; attention_bwd.cu): freeing it when this
+  // function returns is safe, the caching allocator is stream-ordered. Its blocks are 512-byte
+  // aligned (the kernels need 256).
+  const at::Tensor workspace =
+      at::empty({static_cast<int64_t>(cuda::attention_bwd_workspace_bytes(args.shape))},
+                q.options().dtype(at::kByte));
+  args.workspace = workspace.data_ptr();
   args.dq = dq.data_ptr();
   args.dk = dk.data_ptr();
   args.dv = dv.data_ptr();

@@ -1,103 +1,34 @@
-// Device helpers shared by the block-sparse attention kernels (attention_fwd.cu, and the
-// backward if it wants them): asynchronous 16-byte global -> shared copies (cp.async, sm_80+),
-// wmma fragment loads from shared memory that stay ldmatrix-fast for bf16, and the window-mask
-// arithmetic of docs/attention.md. CUDA headers only.
+// Device helpers of the block-sparse attention kernels (attention_fwd.cuh, attention_bwd.cuh)
+// that are attention's own: the window arithmetic of docs/attention.md, reading a CSR-like block
+// list, staging (rows x D) tiles in shared memory with cp.async, and the ldmatrix lane addresses
+// of mma.sync m16n8k16 fragments read from such tiles. The generic primitives (ldmatrix, mma,
+// cp.async, conversions, reductions, exp2) are in common/. CUDA headers only.
 //
-// cp.async: on sm_80+ the copy is asynchronous; the destination may be read only after
-// cp_async_wait_all() and, by other threads, after the __syncthreads() that follows it. Anywhere
-// else (host pass, the CPU emulation in tests/cuda_emulation) the copy is done synchronously at
-// issue, which is a valid schedule of the same program.
+// Shared-memory tiles: row-major, each row of D elements followed by kPad = 8 elements (16 bytes)
+// of padding. The row pitch 2D + 16 bytes is then an odd multiple of 16 bytes (D a multiple of
+// 32), so the eight 16-byte row segments one ldmatrix phase reads (with or without .trans) and
+// the 16-byte cp.async writes of eight consecutive rows fall in eight distinct 16-byte bank
+// groups: no bank conflicts, without a swizzle.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
+#include <atomic>
 #include <cstdint>
-#include <type_traits>
+
+#include "attention_kernels.cuh"
+#include "common/convert.cuh"
+#include "common/ptx.cuh"
 
 namespace lrkernels {
 namespace cuda {
 namespace attn {
 
-// Copies 16 bytes from global `src` to shared `dst` (both 16-byte aligned). When !valid nothing
-// is read and `dst` gets zeros; `src` must still be a valid address of the tensor (pass its base).
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst_addr = static_cast<unsigned>(__cvta_generic_to_shared(dst));
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_addr), "l"(src),
-               "r"(src_bytes)
-               : "memory");
-#else
-  *static_cast<uint4*>(dst) = valid ? *static_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
-#endif
-}
+constexpr int kPad = 8;  // elements of padding after each shared-memory row
 
-// Closes the group of copies issued since the previous commit.
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-
-// Waits until every copy this thread issued has landed (its own view; other threads need a
-// __syncthreads() after this).
-__device__ __forceinline__ void cp_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-#endif
-}
-
-// wmma::load_matrix_sync of a 16x16x16 A or B fragment from SHARED memory (p 32-byte aligned,
-// ldm in elements, a multiple of 8). For __half this is load_matrix_sync itself. For
-// __nv_bfloat16, nvcc (13.0) emits the generic-address form of wmma.load (no .shared), which
-// ptxas turns into per-register generic loads plus movmatrix transposes instead of ldmatrix and
-// which costs registers; on sm_80+ the .shared form is issued directly instead, filling the
-// fragment's storage (8 bf16 = 4 x b32 registers) exactly as load_matrix_sync would.
-template <class Use, class Layout>
-__device__ __forceinline__ void load_frag_smem(
-    nvcuda::wmma::fragment<Use, 16, 16, 16, __half, Layout>& f, const __half* p, unsigned ldm) {
-  nvcuda::wmma::load_matrix_sync(f, p, ldm);
-}
-template <class Use, class Layout>
-__device__ __forceinline__ void load_frag_smem(
-    nvcuda::wmma::fragment<Use, 16, 16, 16, __nv_bfloat16, Layout>& f, const __nv_bfloat16* p,
-    unsigned ldm) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  static_assert(sizeof(f.x) == 16, "bf16 m16n16k16 A/B fragment: 4 registers");
-  uint32_t* reg = reinterpret_cast<uint32_t*>(&f.x[0]);
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  constexpr bool kA = std::is_same_v<Use, nvcuda::wmma::matrix_a>;
-  constexpr bool kRow = std::is_same_v<Layout, nvcuda::wmma::row_major>;
-  static_assert(kA || std::is_same_v<Use, nvcuda::wmma::matrix_b>, "A or B fragments only");
-  // volatile + "memory": never merged with, or moved across, the barriers that guard the buffer.
-  if constexpr (kA && kRow) {
-    asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
-                 : "=r"(reg[0]), "=r"(reg[1]), "=r"(reg[2]), "=r"(reg[3])
-                 : "r"(addr), "r"(ldm)
-                 : "memory");
-  } else if constexpr (kA) {
-    asm volatile("wmma.load.a.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
-                 : "=r"(reg[0]), "=r"(reg[1]), "=r"(reg[2]), "=r"(reg[3])
-                 : "r"(addr), "r"(ldm)
-                 : "memory");
-  } else if constexpr (kRow) {
-    asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
-                 : "=r"(reg[0]), "=r"(reg[1]), "=r"(reg[2]), "=r"(reg[3])
-                 : "r"(addr), "r"(ldm)
-                 : "memory");
-  } else {
-    asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0, %1, %2, %3}, [%4], %5;\n"
-                 : "=r"(reg[0]), "=r"(reg[1]), "=r"(reg[2]), "=r"(reg[3])
-                 : "r"(addr), "r"(ldm)
-                 : "memory");
-  }
-#else
-  nvcuda::wmma::load_matrix_sync(f, p, ldm);
-#endif
-}
+// ------------------------------------------------------------------------------------ window
 
 // The window of docs/attention.md: query i sees key j iff lo(i) <= j < hi(i) with
 //   lo(i) = i + Sk - Sq - left (0 if left < 0),  hi(i) = i + Sk - Sq + right + 1 (Sk if right < 0),
@@ -123,6 +54,127 @@ __host__ __device__ __forceinline__ bool window_tile_visible(int64_t i0, int64_t
   const int64_t lo = window_key_range(i0, Sq, Sk, left, right).lo;
   const int64_t hi = window_key_range(i1, Sq, Sk, left, right).hi;
   return j0 < hi && j1 >= lo && lo < hi;
+}
+
+// ------------------------------------------------------------------------------- block lists
+
+// One row (batch, query head, row block) of a BlockList's partial or full list: its indices and
+// count, clamped to [0, list width] (a malformed layout cannot make a kernel read out of bounds;
+// callers skip indices out of range).
+struct ListRow {
+  const int32_t* idx;
+  int count;
+  int width;
+};
+__device__ __forceinline__ ListRow list_row(const BlockList& l, int64_t b, int64_t h, int64_t blk,
+                                            bool full) {
+  const int32_t* counts = full ? l.full_counts : l.counts;
+  const int32_t* indices = full ? l.full_indices : l.indices;
+  const int64_t width = full ? l.max_full_blocks : l.max_blocks;
+  if (counts == nullptr || indices == nullptr || width <= 0) return {nullptr, 0, 0};
+  const int64_t row = b * l.batch_stride + h * l.head_stride + blk;
+  int64_t n = __ldg(counts + row);
+  n = n < 0 ? 0 : (n > width ? width : n);
+  return {indices + row * width, static_cast<int>(n), static_cast<int>(width)};
+}
+
+// --------------------------------------------------------------------------- tile staging
+
+// Starts copying rows [row0, row0 + rows) of a (nrows x D) matrix with row stride `ld` elements
+// (unit column stride; base and ld 16-byte aligned) into shared memory `s` (pitch D + kPad);
+// rows >= nrows become zeros. The nthreads threads of the block share the 16-byte chunks.
+template <typename T, int D>
+__device__ __forceinline__ void load_tile_async(T* s, const T* __restrict__ g, int64_t ld,
+                                                int64_t row0, int rows, int64_t nrows, int tid,
+                                                int nthreads) {
+  constexpr int kChunksPerRow = D / 8;
+  const int chunks = rows * kChunksPerRow;
+  for (int c = tid; c < chunks; c += nthreads) {
+    const int r = c / kChunksPerRow;
+    const int col = (c % kChunksPerRow) * 8;
+    const int64_t row = row0 + r;
+    const bool valid = row < nrows;
+    ptx::cp_async_16(s + r * (D + kPad) + col, valid ? g + row * ld + col : g, valid);
+  }
+}
+
+// Starts copying `n` floats (n a multiple of 4, src 16-byte aligned) to shared memory.
+__device__ __forceinline__ void load_floats_async(float* s, const float* __restrict__ g, int n,
+                                                  int tid, int nthreads) {
+  for (int c = tid; c < n / 4; c += nthreads) ptx::cp_async_16(s + 4 * c, g + 4 * c, true);
+}
+
+// -------------------------------------------------------- fragment addresses (ldmatrix .x4)
+// Tiles of 16 x 16 elements at (r0, c0) of a shared-memory tile with pitch `ld` elements; each
+// lane passes the address of the row ldmatrix asks it for (lanes 8i .. 8i + 7: matrix i).
+
+// A operand (16 rows m x 16 columns k) of a row-major tile: registers a0..a3 of
+// mma_m16n8k16 (matrices: rows 0-7 / 8-15 x columns 0-7, then the same for columns 8-15).
+template <typename T>
+__device__ __forceinline__ uint32_t frag_a_addr(const T* s, int ld, int r0, int c0, int lane) {
+  return ptx::smem_addr(s + (r0 + (lane & 15)) * ld + c0 + ((lane >> 4) << 3));
+}
+
+// B operands of two n-tiles (n0 .. n0 + 15) x 16 k from a tile stored [n][k] (k contiguous, as
+// K is for S = Q·Kᵀ), without .trans: registers {b0, b1} of n-tile n0, then of n0 + 8.
+template <typename T>
+__device__ __forceinline__ uint32_t frag_b_nk_addr(const T* s, int ld, int n0, int k0, int lane) {
+  return ptx::smem_addr(s + (n0 + ((lane >> 4) << 3) + (lane & 7)) * ld + k0 +
+                        (((lane >> 3) & 1) << 3));
+}
+
+// B operands of two n-tiles from a tile stored [k][n] (n contiguous, as V is for O = P·V), with
+// .trans: registers {b0, b1} of n-tile n0, then of n0 + 8.
+template <typename T>
+__device__ __forceinline__ uint32_t frag_b_kn_addr(const T* s, int ld, int k0, int n0, int lane) {
+  return ptx::smem_addr(s + (k0 + (((lane >> 3) & 1) << 3) + (lane & 7)) * ld + n0 +
+                        ((lane >> 4) << 3));
+}
+
+// A operand (16 m x 16 k) from a tile stored transposed, [k][m] (m contiguous), with .trans.
+template <typename T>
+__device__ __forceinline__ uint32_t frag_a_km_addr(const T* s, int ld, int m0, int k0, int lane) {
+  return ptx::smem_addr(s + (k0 + ((lane >> 4) << 3) + (lane & 7)) * ld + m0 +
+                        (((lane >> 3) & 1) << 3));
+}
+
+// Register p of the A operand of a k-step of 16 columns taken from an accumulator pair (n-tiles
+// 2kk and 2kk + 1 of a 16-row accumulator): how P = softmax(S) feeds P·V without leaving
+// registers. a0 = rows g, cols 2t..; a1 = rows g + 8; a2, a3 = the same for columns 8 + 2t...
+template <typename T>
+__device__ __forceinline__ void acc_to_frag_a(const float (&lo)[4], const float (&hi)[4],
+                                              uint32_t (&a)[4]) {
+  a[0] = cvt::pack2<T>(lo[0], lo[1]);
+  a[1] = cvt::pack2<T>(lo[2], lo[3]);
+  a[2] = cvt::pack2<T>(hi[0], hi[1]);
+  a[3] = cvt::pack2<T>(hi[2], hi[3]);
+}
+
+// ------------------------------------------------------------------------------------ host
+
+// Raises kKernel's dynamic shared memory limit to `bytes` when that is above the 48 KB default,
+// once per device and kernel (the largest value set is remembered; a race between host threads
+// only repeats the call).
+template <auto kKernel>
+cudaError_t opt_in_smem(size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> opted_in[kMaxDevices];
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached && opted_in[device].load() >= static_cast<int>(bytes)) return cudaSuccess;
+  err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(bytes));
+  if (err != cudaSuccess) return err;
+  if (cached) {
+    int prev = opted_in[device].load();
+    while (prev < static_cast<int>(bytes) &&
+           !opted_in[device].compare_exchange_weak(prev, static_cast<int>(bytes))) {
+    }
+  }
+  return cudaSuccess;
 }
 
 }  // namespace attn

@@ -3,8 +3,9 @@
 //   lse (B, Hq, Sq) float32.
 // Torch-side glue only (compiled by the host compiler, no device code): the shared argument
 // checks, the CUDA kernel's own limits (float16 / bfloat16, D in {32, 64, 96, 128}, block sizes
-// 64 / 128, compute capability >= 8.0), device guard, strides, allocation, stream. The kernel is
-// behind the torch-free API of attention_kernels.cuh (attention_fwd.cu).
+// 64 / 128, compute capability >= 8.0), device guard, strides (inputs whose rows are not 16-byte
+// aligned are copied), allocation, stream. The kernel is behind the torch-free API of
+// attention_kernels.cuh (attention_fwd.cu).
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -18,6 +19,7 @@
 
 #include "../common/checks.h"
 #include "attention_kernels.cuh"
+#include "attention_launch.h"
 #include "launch_utils.h"
 
 namespace lrkernels {
@@ -25,21 +27,12 @@ namespace {
 
 constexpr const char* kOp = "block_sparse_attention (cuda): ";
 
+using attention_launch::block_list;
+using attention_launch::strides_of;
+using attention_launch::with_aligned_rows;
 using cuda_launch::poison_output;
 
 int cc_major(int device) { return cuda_launch::device_info(device).cc_major; }
-
-// The kernel reads any strides with a unit head-dim stride; anything else is copied.
-at::Tensor with_unit_last_stride(const at::Tensor& t) {
-  return t.stride(3) == 1 ? t : t.contiguous();
-}
-
-// Strides in elements. A dimension of size 1 is never stepped over, so its stride is reported as
-// 0: an arbitrary stride there must not cost the kernel its 16-byte load path.
-cuda::AttnStrides strides_of(const at::Tensor& t) {
-  auto st = [&](int64_t d) { return t.size(d) == 1 ? int64_t{0} : t.stride(d); };
-  return {st(0), st(1), st(2)};
-}
 
 std::tuple<at::Tensor, at::Tensor> block_sparse_attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_num_blocks,
@@ -83,17 +76,9 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_fwd_cuda(
     return {out, lse};
   }
 
-  const at::Tensor q_c = with_unit_last_stride(q);
-  const at::Tensor k_c = with_unit_last_stride(k);
-  const at::Tensor v_c = with_unit_last_stride(v);
-  const at::Tensor counts = kv_num_blocks.contiguous();
-  const at::Tensor indices = kv_indices.contiguous();
-  const bool has_full = full_kv_num_blocks.has_value() && full_kv_indices.has_value();
-  at::Tensor full_counts, full_indices;
-  if (has_full) {
-    full_counts = full_kv_num_blocks->contiguous();
-    full_indices = full_kv_indices->contiguous();
-  }
+  const at::Tensor q_c = with_aligned_rows(q);
+  const at::Tensor k_c = with_aligned_rows(k);
+  const at::Tensor v_c = with_aligned_rows(v);
 
   cuda::AttnFwdArgs args{};
   args.shape.B = B;
@@ -115,20 +100,8 @@ std::tuple<at::Tensor, at::Tensor> block_sparse_attention_fwd_cuda(
   args.q_strides = strides_of(q_c);
   args.k_strides = strides_of(k_c);
   args.v_strides = strides_of(v_c);
-
-  // Block lists: counts (Bl, Hl, NQB), indices (Bl, Hl, NQB, MAX); a broadcast dim has stride 0.
-  // The full lists share (Bl, Hl) with the partial ones (checked above).
-  const int64_t Bl = counts.size(0), Hl = counts.size(1), nqb = counts.size(2);
-  args.kv.counts = counts.data_ptr<int32_t>();
-  args.kv.indices = indices.numel() > 0 ? indices.data_ptr<int32_t>() : nullptr;
-  args.kv.full_counts = has_full ? full_counts.data_ptr<int32_t>() : nullptr;
-  args.kv.full_indices =
-      has_full && full_indices.numel() > 0 ? full_indices.data_ptr<int32_t>() : nullptr;
-  args.kv.batch_stride = Bl == 1 ? 0 : Hl * nqb;
-  args.kv.head_stride = Hl == 1 ? 0 : nqb;
-  args.kv.n_row_blocks = nqb;
-  args.kv.max_blocks = indices.size(3);
-  args.kv.max_full_blocks = has_full ? full_indices.size(3) : 0;
+  at::Tensor keep[4];
+  args.kv = block_list(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, keep);
   args.out = out.data_ptr();
   args.lse = lse.data_ptr<float>();
 

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace lrkernels {
@@ -66,7 +67,9 @@ inline bool attention_head_dim_supported(int64_t d) {
 cudaError_t launch_block_sparse_attention_fwd(const AttnFwdArgs& args, cudaStream_t stream);
 
 // dout, out: (B, Hq, Sq, D) contiguous; lse (B, Hq, Sq) float32; dq (B, Hq, Sq, D), dk/dv
-// (B, Hkv, Sk, D) contiguous outputs in dtype; delta: float32 workspace (B, Hq, Sq).
+// (B, Hkv, Sk, D) contiguous outputs in dtype (16-byte aligned, like q / k / v's rows).
+// workspace: attention_bwd_workspace_bytes(shape) bytes, 256-byte aligned, any contents (the
+// launch initialises what it needs); it must not be reused before the launch's kernels finish.
 struct AttnBwdArgs {
   AttnShape shape;
   const void* q;
@@ -76,13 +79,16 @@ struct AttnBwdArgs {
   const void* out;
   const void* dout;
   const float* lse;
-  BlockList kv;        // per query block: key blocks (for dq)
-  BlockList q_blocks;  // per key block: query blocks (for dk/dv), the transpose of kv
-  float* delta;
+  BlockList kv;        // per query block: key blocks (partial, full)
+  BlockList q_blocks;  // per key block: query blocks, the transpose of kv (BlockLayout.transposed)
+  void* workspace;
   void* dq;
   void* dk;
   void* dv;
 };
+
+// Bytes of workspace the backward needs for `shape` (0 when there is nothing to compute).
+size_t attention_bwd_workspace_bytes(const AttnShape& shape);
 
 cudaError_t launch_block_sparse_attention_bwd(const AttnBwdArgs& args, cudaStream_t stream);
 

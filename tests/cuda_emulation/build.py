@@ -71,6 +71,18 @@ FAMILIES = {
     "int8": Family(
         "int8", ("int8_mma_fwd.cu", "int8_mma_tr.cu", "int8_dequant.cu"), "int8_driver.cpp"
     ),
+    "attention": Family(
+        "attention",
+        (
+            "attention_fwd.cu",
+            "attention_fwd_f16.cu",
+            "attention_fwd_bf16.cu",
+            "attention_bwd.cu",
+            "attention_bwd_f16.cu",
+            "attention_bwd_bf16.cu",
+        ),
+        "attention_driver.cpp",
+    ),
     "primitives": Family("primitives", ("primitives.cu",), "primitives_driver.cpp", "kernels"),
     "lora": Family("lora", ("lora_gemv.cu",), "lora_driver.cpp"),
 }

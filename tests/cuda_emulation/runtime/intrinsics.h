@@ -4,8 +4,10 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 
 #include "emu.h"
 
@@ -44,7 +46,9 @@ inline unsigned byte_perm(unsigned x, unsigned y, unsigned s) {
 // at least as strong as the hardware's relaxed atomics plus __threadfence: a kernel that is wrong
 // only under weaker ordering is not caught. A block that spin-waits for another block may
 // deadlock here (blocks run in a shuffled order on a few workers, like a GPU without
-// co-residency guarantees): use a counter whose last arriver does the work instead.
+// co-residency guarantees): use a counter whose last arriver does the work instead, or wait
+// only for blocks that have already started (work handed out in the order of a global ticket
+// counter, as attention_bwd.cuh does: a block runs to completion on its worker).
 template <class T>
 T atomic_add(T* p, T v) {
   return std::atomic_ref<T>(*p).fetch_add(v, std::memory_order_seq_cst);
@@ -67,5 +71,13 @@ T atomic_max(T* p, T v) {
   return old;
 }
 inline void threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+// __nanosleep(ns), the back-off of a spin-wait: the emulated thread sleeps, which lets the block
+// it waits for (on another worker) run. A spin-wait is safe only on a block that has already
+// started: in the emulation as on the GPU, a block that took a ticket from a global counter
+// earlier (blocks run to completion, one per worker at a time).
+inline void nanosleep(unsigned ns) {
+  std::this_thread::sleep_for(std::chrono::nanoseconds(ns < 1000 ? 1000 : ns));
+}
 
 }  // namespace emu

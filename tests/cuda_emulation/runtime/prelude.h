@@ -60,6 +60,7 @@ using std::fmaf;  // device fmaf: one rounding, like std::fmaf
 #define atomicCAS emu::atomic_cas
 #define atomicMax emu::atomic_max
 #define __threadfence emu::threadfence
+#define __nanosleep emu::nanosleep
 
 #define cudaGetLastError emu::get_last_error
 #define cudaPeekAtLastError emu::peek_at_last_error

@@ -12,6 +12,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -189,6 +190,16 @@ void mma_m16n8k16(float& d0, float& d1, float& d2, float& d3, uint32_t a0, uint3
     for (int k = 0; k < 16; ++k) s += arow[e / 2][k] * bcol[e % 2][k];
     *d[e] = s;
   }
+}
+
+// ex2.approx.ftz.f32 d, a: d = 2^a with subnormal inputs and results flushed to zero of the
+// same sign (PTX ISA); the hardware's result is within 2^-22 relative of 2^a, this one is
+// exact to float rounding.
+inline void ex2_approx_ftz(float& d, float a) {
+  const auto flush = [](float x) {
+    return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.f, x) : x;
+  };
+  d = flush(std::exp2(flush(a)));
 }
 
 }  // namespace ptx
