@@ -263,6 +263,9 @@ int main() {
   // Causal with Sq > Sk: query i sees j <= i - 15, so the first 15 rows see nothing (inside a
   // partial block shared with rows that do see keys).
   check_window_case("causal Sq 45 > Sk 30", 1, 2, 1, 45, 30, 8, 16, 8, -1, 0, 15);
+  // The CPU kernel's padded tiles: D and both block sizes not multiples of 16 (packed K / V
+  // tiles, partial micro-kernel row groups), a two-sided window, MQA.
+  check_window_case("window (12, 3) D 40 blocks 24 x 40", 1, 3, 1, 50, 61, 40, 24, 40, 12, 3, 0);
   check_cuda_case();
 
   // Argument checks.

@@ -4,13 +4,23 @@ gradients (also through lse), torch.library checks, torch.compile and argument e
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import HAS_CUDA, assert_matches, device_for, skip_unless_runs
 
 import lrkernels
 from lrkernels import masks
-from lrkernels.reference import block_sparse_attention_reference
+from lrkernels.reference import (
+    attention_visibility,
+    block_sparse_attention_reference,
+    relative_error,
+)
 
 BACKENDS = ["cuda", "triton", "cpu", "torch"]
 OP = "block_sparse_attention"
@@ -271,6 +281,147 @@ def test_sparse_attention_module():
     assert "layout" in repr(mod)
     with pytest.raises(ValueError, match="exactly one"):
         lrkernels.nn.SparseAttention((4, 0), layout=layout)
+
+
+# ------------------------------------------------------------------- the C++ CPU kernel
+# (csrc/cpu/attention_cpu*.{cpp,h}: packed tiles padded to 16, a register-blocked micro-kernel,
+# AVX2 + FMA or baseline code picked at run time). Shapes that exercise the padding and the
+# micro-kernel's row remainders, every dtype, forward and backward against float64, with torch's
+# masked SDPA in the same dtype as the yardstick.
+
+
+def _sdpa_same_dtype(q, k, v, layout, scale, dout):
+    """torch's own masked SDPA (and its gradients) in the inputs' dtype; rows that see no key
+    give 0."""
+    group = q.shape[1] // k.shape[1]
+    vis = attention_visibility(layout, q.device)
+    rows = vis.any(-1, keepdim=True)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(
+        leaves[0], leaves[1].repeat_interleave(group, 1), leaves[2].repeat_interleave(group, 1),
+        attn_mask=vis | ~rows, scale=scale,
+    ) * rows  # fmt: skip
+    out.backward(dout)
+    return out.detach(), *(t.grad for t in leaves)
+
+
+def _check_cpu_kernel(q, k, v, layout, scale):
+    skip_unless_runs(OP, "cpu", q, k, v, layout)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, lse = lrkernels.block_sparse_attention(
+        *leaves, layout, scale=scale, return_lse=True, backend="cpu"
+    )
+    exact_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = block_sparse_attention_reference(*exact_leaves, layout, scale)
+    dout = torch.randn_like(q)
+    if q.dtype == torch.float64:
+        yard = (block_sparse_attention_reference(q, k, v, layout, scale)[0],) + (None,) * 3
+    else:
+        yard = _sdpa_same_dtype(q, k, v, layout, scale, dout)
+    assert_matches(out.detach(), ref_out.detach(), yard[0])
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "lse must be -inf exactly on masked rows"
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite].detach(), rtol=1e-5, atol=1e-5)
+    out.backward(dout)
+    ref_out.backward(dout.double())
+    for name, got, want, y in zip("qkv", leaves, exact_leaves, yard[1:], strict=True):
+        if y is None:
+            # float64: the backward recomputes P from the lse the forward stored in float32
+            # (the op's schema), so the gradients carry its 6e-8 relative rounding.
+            err = relative_error(got.grad, want.grad)
+            assert err < 1e-6, f"d{name}: relative error {err:.2e}"
+        else:
+            assert_matches(got.grad, want.grad, y, what=f"d{name}")
+    return out, lse, [t.grad for t in leaves]
+
+
+# (B, Hq, Hkv, Sq, Sk, D, block_q, block_k, window)
+CPU_KERNEL_CASES = [
+    (1, 2, 2, 37, 37, 1, 16, 16, (20, 0)),  # D = 1: a 16-column padded tile
+    (2, 4, 1, 50, 83, 40, 24, 40, (17, 9)),  # D, blocks not multiples of 16; MQA; Sq < Sk
+    (1, 3, 3, 130, 130, 100, 64, 48, (-1, 0)),  # causal, 64 rows = 10 x 6 + 4 micro-tiles
+    (1, 2, 1, 45, 30, 16, 8, 8, (-1, 0)),  # Sq > Sk: the first 15 rows see no key
+    (1, 2, 2, 40, 70, 72, 128, 128, (63, 0)),  # blocks larger than both sequences
+    (1, 4, 2, 65, 65, 160, 32, 16, (10, 10)),  # D > 128, two-sided window, GQA
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CPU_KERNEL_CASES, ids=str)
+def test_cpu_kernel_shapes_and_dtypes(case, dtype):
+    b, hq, hkv, sq, sk, d, bq, bk, window = case
+    q, k, v = make_qkv(b, hq, hkv, sq, sk, d, dtype, "cpu")
+    layout = masks.local_window_layout(sq, sk, window, block_q=bq, block_k=bk)
+    _check_cpu_kernel(q, k, v, layout, scale=d**-0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_per_batch_and_head_layout(dtype):
+    # Lists per (batch, query head), random blocks, GQA; non-contiguous (B, S, H, D) inputs.
+    b, hq, hkv, s, d, bs = 2, 4, 2, 70, 48, 16
+    n = -(-s // bs)
+    dense = torch.rand(b, hq, n, n) < 0.5
+    layout = masks.from_block_mask_matrix(dense, s, s, bs, bs)
+    q = torch.randn(b, s, hq, d).to(dtype).transpose(1, 2)
+    k = torch.randn(b, s, hkv, d).to(dtype).transpose(1, 2)
+    v = torch.randn(b, s, hkv, d).to(dtype).transpose(1, 2)
+    _check_cpu_kernel(q, k, v, layout, scale=0.2)
+
+
+def test_cpu_kernel_is_bitwise_independent_of_the_thread_count():
+    q, k, v = make_qkv(2, 4, 2, 150, 150, 64, torch.float32, "cpu")
+    layout = masks.local_window_layout(150, 150, (70, 0), block_q=32, block_k=32)
+    skip_unless_runs(OP, "cpu", q, k, v, layout)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            out = lrkernels.block_sparse_attention(*leaves, layout, backend="cpu")
+            out.backward(torch.ones_like(out))
+            results.append([out.detach(), *(t.grad for t in leaves)])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cpu_kernel_baseline_isa():
+    """The kernels' baseline-ISA copy (taken when the CPU lacks AVX2/FMA, or with
+    ATEN_CPU_CAPABILITY=default) against float64, in a fresh process."""
+    if lrkernels.available_backends()["cpu"] is not None:
+        pytest.skip("extension not built")
+    script = textwrap.dedent(
+        """
+        import torch
+        assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+        import lrkernels
+        from lrkernels import masks
+        from lrkernels.reference import block_sparse_attention_reference as ref
+        torch.manual_seed(0)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-6), (torch.bfloat16, 2e-2)):
+            q, k, v = (torch.randn(1, 4, 75, 40).to(dtype) for _ in range(3))
+            layout = masks.local_window_layout(75, 75, (30, 5), block_q=16, block_k=32)
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+            out = lrkernels.block_sparse_attention(*leaves, layout, backend="cpu")
+            want = ref(*exact, layout)[0]
+            g = torch.randn_like(out)
+            out.backward(g)
+            want.backward(g.double())
+            for a, b in [(out, want)] + [(x.grad, y.grad) for x, y in zip(leaves, exact)]:
+                err = ((a.double() - b.double()).norm() / b.double().norm()).item()
+                assert err < tol, (dtype, err)
+        print("ok")
+        """
+    )
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True
+    )
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------- errors

@@ -240,6 +240,7 @@ def _attn_fwd_kernel(
     LAYOUT_BK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):
     """out, lse of BLOCK_M query rows of head program_id(1), batch program_id(2).
 
@@ -278,7 +279,7 @@ def _attn_fwd_kernel(
     if HAS_FULL:
         count = tl.load(full_num_ptr + b * stride_fcb + h * stride_fch + qblk * stride_fcm)
         idx_ptr = full_idx_ptr + b * stride_fib + h * stride_fih + qblk * stride_fim
-        for t in range(0, count * (LAYOUT_BK // BLOCK_N)):
+        for t in tl.range(0, count * (LAYOUT_BK // BLOCK_N), warp_specialize=WARP_SPEC):
             kblk = tl.load(idx_ptr + (t // (LAYOUT_BK // BLOCK_N)) * stride_fin)
             if INDEX_64:
                 kblk = kblk.to(tl.int64)
@@ -307,7 +308,7 @@ def _attn_fwd_kernel(
             )
     count = tl.load(kv_num_ptr + b * stride_cb + h * stride_ch + qblk * stride_cm)
     idx_ptr = kv_idx_ptr + b * stride_ib + h * stride_ih + qblk * stride_im
-    for t in range(0, count * (LAYOUT_BK // BLOCK_N)):
+    for t in tl.range(0, count * (LAYOUT_BK // BLOCK_N), warp_specialize=WARP_SPEC):
         kblk = tl.load(idx_ptr + (t // (LAYOUT_BK // BLOCK_N)) * stride_in)
         if INDEX_64:
             kblk = kblk.to(tl.int64)
@@ -531,6 +532,7 @@ def _attn_bwd_dkdv_kernel(
     LAYOUT_BK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):
     """dk, dv of BLOCK_N keys of kv head program_id(1), batch program_id(2).
 
@@ -575,7 +577,7 @@ def _attn_bwd_dkdv_kernel(
         if HAS_FULL:
             count = tl.load(fq_num_ptr + b * stride_fcb + h * stride_fch + kblk * stride_fcn)
             idx_ptr = fq_idx_ptr + b * stride_fib + h * stride_fih + kblk * stride_fin
-            for t in range(0, count * (LAYOUT_BQ // BLOCK_M)):
+            for t in tl.range(0, count * (LAYOUT_BQ // BLOCK_M), warp_specialize=WARP_SPEC):
                 qblk = tl.load(idx_ptr + (t // (LAYOUT_BQ // BLOCK_M)) * stride_fim)
                 if INDEX_64:
                     qblk = qblk.to(tl.int64)
@@ -608,7 +610,7 @@ def _attn_bwd_dkdv_kernel(
                 )
         count = tl.load(q_num_ptr + b * stride_cb + h * stride_ch + kblk * stride_cn)
         idx_ptr = q_idx_ptr + b * stride_ib + h * stride_ih + kblk * stride_in
-        for t in range(0, count * (LAYOUT_BQ // BLOCK_M)):
+        for t in tl.range(0, count * (LAYOUT_BQ // BLOCK_M), warp_specialize=WARP_SPEC):
             qblk = tl.load(idx_ptr + (t // (LAYOUT_BQ // BLOCK_M)) * stride_im)
             if INDEX_64:
                 qblk = qblk.to(tl.int64)
@@ -770,6 +772,7 @@ def _attn_bwd_dq_kernel(
     LAYOUT_BK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
 ):
     """dq of BLOCK_M query rows of head program_id(1), batch program_id(2)."""
     pid_m = tl.program_id(0)
@@ -815,7 +818,7 @@ def _attn_bwd_dq_kernel(
     if HAS_FULL:
         count = tl.load(full_num_ptr + b * stride_fcb + h * stride_fch + qblk * stride_fcm)
         idx_ptr = full_idx_ptr + b * stride_fib + h * stride_fih + qblk * stride_fim
-        for t in range(0, count * (LAYOUT_BK // BLOCK_N)):
+        for t in tl.range(0, count * (LAYOUT_BK // BLOCK_N), warp_specialize=WARP_SPEC):
             kblk = tl.load(idx_ptr + (t // (LAYOUT_BK // BLOCK_N)) * stride_fin)
             if INDEX_64:
                 kblk = kblk.to(tl.int64)
@@ -845,7 +848,7 @@ def _attn_bwd_dq_kernel(
             )
     count = tl.load(kv_num_ptr + b * stride_cb + h * stride_ch + qblk * stride_cm)
     idx_ptr = kv_idx_ptr + b * stride_ib + h * stride_ih + qblk * stride_im
-    for t in range(0, count * (LAYOUT_BK // BLOCK_N)):
+    for t in tl.range(0, count * (LAYOUT_BK // BLOCK_N), warp_specialize=WARP_SPEC):
         kblk = tl.load(idx_ptr + (t // (LAYOUT_BK // BLOCK_N)) * stride_in)
         if INDEX_64:
             kblk = kblk.to(tl.int64)
@@ -1066,13 +1069,57 @@ def _device_smem_budget(device_type: str, index: int | None) -> int | None:
     return int(optin * 0.9)
 
 
-def _spans_int32(t: torch.Tensor, pad: int) -> bool:
-    """True when the largest offset into t (plus up to `pad` masked lanes past every
-    dimension) does not fit in int32."""
-    reach = sum(
-        (size + pad) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True)
-    )
-    return reach > _INT32_LIMIT
+def _max_offset(t: torch.Tensor | None, extents: tuple[int, ...] | None = None) -> int:
+    """Largest element offset a kernel may compute into `t`, masked lanes included.
+
+    ``extents[d]`` is how far along dimension ``d`` the kernels' index vectors reach
+    (default: the size): sequence dimensions are walked in whole layout blocks and the head
+    dimension in ``D_PAD`` columns, so those reach past the size; batch and head indices
+    come from the grid and never do. Strides are those the kernels use (a broadcast list
+    dimension passes stride 0, and so reaches nothing).
+    """
+    if t is None or t.numel() == 0:
+        return 0
+    extents = t.shape if extents is None else extents
+    return sum((n - 1) * abs(s) for n, s in zip(extents, t.stride(), strict=True) if n > 0)
+
+
+def _index_64_needed(
+    qo, kv, rows, lists, Sq: int, Sk: int, reach: int, d_reach: int, interpret: bool
+) -> bool:
+    """64-bit address arithmetic: when the largest offset some kernel computes does not fit
+    in int32, and always under the interpreter (_INTERPRETER_INDEX_64), whose per-operation
+    int32 overflow checks would otherwise dominate its run time.
+
+    qo: (B, Hq, Sq, D) tensors; kv: (B, Hkv, Sk, D) tensors; rows: (B, Hq, Sq) tensors;
+    lists: block-list tensors (read at listed entries only). Sequence indices reach
+    ``round_up(S, reach)`` (whole layout blocks / preprocessing tiles), head-dim columns
+    ``d_reach`` (D_PAD). With H200-sized problems (B = 2, H = 16, S = 16k, D = 128: largest
+    offset 6.7e7) this is int32, where padding every dimension would have said int64.
+    """
+    if interpret and _INTERPRETER_INDEX_64:
+        return True
+
+    def up(n):
+        return _cdiv(n, reach) * reach
+
+    worst = 0
+    for t in qo:
+        if t is not None:
+            worst = max(worst, _max_offset(t, (t.shape[0], t.shape[1], up(Sq), d_reach)))
+    for t in kv:
+        if t is not None:
+            worst = max(worst, _max_offset(t, (t.shape[0], t.shape[1], up(Sk), d_reach)))
+    for t in rows:
+        worst = max(worst, _max_offset(t, (t.shape[0], t.shape[1], up(Sq))))
+    for t in lists:
+        worst = max(worst, _max_offset(t))
+    return worst > _INT32_LIMIT
+
+
+def _extra_launch_options(cfg: dict) -> dict:
+    """Compiler options a configuration may add: ``maxnreg`` (register cap per thread)."""
+    return {"maxnreg": int(cfg["maxnreg"])} if cfg.get("maxnreg") else {}
 
 
 def _window_bounds(window_left: int, window_right: int, Sq: int, Sk: int) -> tuple[int, int]:
@@ -1172,15 +1219,6 @@ def _list_args(op, name, num, idx, B, H, n_blocks, device):
     return sc + si
 
 
-def _index_64(tensors, pad: int, interpret: bool) -> bool:
-    """64-bit address arithmetic: when some offset may not fit in int32, and always under
-    the interpreter (_INTERPRETER_INDEX_64), whose per-operation int32 overflow checks
-    would otherwise dominate its run time."""
-    if interpret and _INTERPRETER_INDEX_64:
-        return True
-    return any(t is not None and _spans_int32(t, pad) for t in tensors)
-
-
 def launch_block_sparse_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1246,10 +1284,15 @@ def launch_block_sparse_attention_fwd(
     _check_config(config, block_q, block_k, _next_pow2(D))
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     lo, hi = _window_bounds(window_left, window_right, Sq, Sk)
-    pad = 2 * max(block_q, block_k, config["D_PAD"])
-    index_64 = _index_64(
-        (q, k, v, out, lse, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices),
-        pad,
+    index_64 = _index_64_needed(
+        (q, out),
+        (k, v),
+        (lse,),
+        (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices),
+        Sq,
+        Sk,
+        max(block_q, block_k),
+        config["D_PAD"],
         interpret,
     )
     grid = (_cdiv(Sq, block_m), Hq, B)
@@ -1288,8 +1331,10 @@ def launch_block_sparse_attention_fwd(
         LAYOUT_BK=block_k,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        WARP_SPEC=bool(config.get("warp_specialize", False)),
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
+        **_extra_launch_options(config),
     )
 
 
@@ -1387,15 +1432,19 @@ def launch_block_sparse_attention_bwd(
     d_pad = max(dkdv_config["D_PAD"], dq_config["D_PAD"])
 
     lo, hi = _window_bounds(window_left, window_right, Sq, Sk)
-    pad = 2 * max(block_q, block_k, d_pad, _PRE_BLOCK_M)
     delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=dev)
-    index_64 = _index_64(
+    index_64 = _index_64_needed(
+        (dout, q, out, dq),
+        (k, v, dk, dv),
+        (lse, delta),
         (
-            dout, q, k, v, out, lse, delta, dq, dk, dv,
             kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
             q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
         ),
-        pad,
+        Sq,
+        Sk,
+        max(block_q, block_k, _PRE_BLOCK_M),
+        max(d_pad, _next_pow2(D), 16),
         interpret,
     )  # fmt: skip
     group = Hq // Hkv
@@ -1460,8 +1509,10 @@ def launch_block_sparse_attention_bwd(
         LAYOUT_BK=block_k,
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
+        WARP_SPEC=bool(cfg.get("warp_specialize", False)),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        **_extra_launch_options(cfg),
     )
 
     cfg = dq_config
@@ -1505,6 +1556,8 @@ def launch_block_sparse_attention_bwd(
         LAYOUT_BK=block_k,
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
+        WARP_SPEC=bool(cfg.get("warp_specialize", False)),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        **_extra_launch_options(cfg),
     )

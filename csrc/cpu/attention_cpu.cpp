@@ -2,38 +2,51 @@
 //   block_sparse_attention_fwd -> out, lse
 //   block_sparse_attention_bwd -> dq, dk, dv
 //
-// Work is split per (batch, head, query block): the key blocks listed for that query block (full
-// blocks first, then partial ones) are gathered into a (block_q, n_keys) score tile, the window
-// mask is applied to the partial columns only, and the tile is reduced right away. Nothing of
-// size Sq x Sk is ever formed.
+// Blockwise kernels (attention_cpu_kernels.h, compiled for the baseline ISA and for AVX2 + FMA,
+// picked at run time): the forward runs one task per (batch, head, query block) in parallel
+// (at::parallel_for): it packs the query rows once, then for every listed key block (full
+// blocks first, then partial ones) packs Kᵀ and V into small float tiles, computes the score
+// tile with a register-blocked micro-kernel, applies the window mask to partial blocks only,
+// and folds the tile into an online softmax (running max and sum per row) and the output
+// accumulator. Nothing larger than a (block_q x block_k) tile is ever formed, and no ATen op
+// runs per block.
 //
 // Same numerics as the GPU kernels: products accumulate in float32 (float64 for float64 inputs,
 // which keep float64 throughout, the softmax statistics included; lse is then stored as float32
-// as the schema says). For float16/bfloat16, the operands that the tensor-core kernels feed to a
-// second matmul are rounded to the input dtype first: the unnormalized probabilities
-// exp(S - rowmax) before P·V in the forward (the row sum and the final division stay in float32),
-// and P before dV = Pᵀ·dO and dS before dQ = dS·K / dK = dSᵀ·Q in the backward.
+// as the schema says). Softmax in base 2 with scale·log2(e) folded into the scores. For
+// float16/bfloat16, the operands that the tensor-core kernels feed to a second matmul are
+// rounded to the input dtype first: the unnormalized probabilities exp(S - running max) before
+// P·V in the forward (the row sum and the final division stay in float32), and P before
+// dV = Pᵀ·dO and dS before dQ = dS·K / dK = dSᵀ·Q in the backward.
 //
 // A query row with no visible key gets out = 0 and lse = -inf; in the backward such a row
 // (lse = -inf) contributes nothing. The backward recomputes P = exp(scale·QKᵀ - lse) from the
-// saved lse and walks the forward lists: dq of a query block is written once, and dk/dv are
-// accumulated per (batch, kv head) in a fixed order (query heads of the group, then query
-// blocks), so the result is deterministic. The transposed lists are not needed for that; they
-// are validated (shapes, ranges, and that they are the transpose of the forward lists), so that
-// a layout the GPU backward would misread is rejected here as well.
+// saved lse in one pass per (batch, query head) task over the forward lists (five products per
+// block pair): dq of each query block is written once, and the head's dk/dv are accumulated in
+// a fixed order (query blocks ascending, listed blocks in list order) — directly into dk/dv when
+// Hq == Hkv, else into per-head float buffers that are then summed over the group in head
+// order. Nothing depends on the thread count, so the result is deterministic. The transposed
+// lists are not needed for that; they are validated (shapes, ranges, and that they are the
+// transpose of the forward lists), so that a layout the GPU backward would misread is rejected
+// here as well.
 //
 // The layout values are read on the CPU and range-checked: counts in [0, MAX], indices in
 // [0, number of column blocks), no block listed twice for one row (partial and full together).
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <initializer_list>
 #include <iterator>
 #include <limits>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "../common/checks.h"
@@ -44,19 +57,6 @@ namespace {
 constexpr const char* kOp = "block_sparse_attention: ";
 
 int64_t ceil_div(int64_t a, int64_t b) { return a == 0 ? 0 : (a - 1) / b + 1; }
-
-at::ScalarType accumulation_type(const at::Tensor& t) {
-  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// Rounds `t` (in the accumulation type) to `dtype` and back: what storing an operand in
-// float16/bfloat16 for the next matmul does. A no-op for float32/float64 inputs.
-at::Tensor round_to(const at::Tensor& t, at::ScalarType dtype) {
-  if (dtype == at::kHalf || dtype == at::kBFloat16) {
-    return t.to(dtype).to(t.scalar_type());
-  }
-  return t;
-}
 
 // One CSR-like block list with its optional full counterpart, read on the CPU. Rows are query
 // blocks (forward lists) or key blocks (transposed lists); the layout may broadcast over batch
@@ -201,209 +201,346 @@ void check_transpose(const BlockLists& fwd, const BlockLists& tr) {
   }
 }
 
-// The keys one query block reads: positions of its full blocks' keys, then of its partial blocks'
-// keys (the last key block may be short).
-struct BlockKeys {
-  at::Tensor positions;  // int64 (n_keys,)
-  int64_t n_full = 0;    // leading entries from full blocks
-  int64_t n_keys() const { return positions.size(0); }
+constexpr int64_t kPad = 16;  // packed tiles: D and key counts rounded up to this
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// Raw view of validated BlockLists for the kernels.
+struct ListsView {
+  const int32_t* counts = nullptr;
+  const int32_t* indices = nullptr;
+  const int32_t* full_counts = nullptr;  // nullptr: no full lists
+  const int32_t* full_indices = nullptr;
+  int64_t Bl = 1, Hl = 1, n_rows = 0, max_blocks = 0, max_full_blocks = 0;
+
+  explicit ListsView(const BlockLists& l)
+      : counts(l.counts.const_data_ptr<int32_t>()),
+        indices(l.indices.const_data_ptr<int32_t>()),
+        Bl(l.Bl),
+        Hl(l.Hl),
+        n_rows(l.n_rows),
+        max_blocks(l.max_blocks),
+        max_full_blocks(l.max_full_blocks) {
+    if (l.has_full()) {
+      full_counts = l.full_counts.const_data_ptr<int32_t>();
+      full_indices = l.full_indices.const_data_ptr<int32_t>();
+    }
+  }
+  int64_t row_of(int64_t b, int64_t h, int64_t row) const {
+    return ((Bl == 1 ? 0 : b) * Hl + (Hl == 1 ? 0 : h)) * n_rows + row;
+  }
+  int64_t count(int64_t off) const { return counts[off]; }
+  const int32_t* list(int64_t off) const { return indices + off * max_blocks; }
+  int64_t full_count(int64_t off) const { return full_counts ? full_counts[off] : 0; }
+  const int32_t* full_list(int64_t off) const {
+    return full_counts ? full_indices + off * max_full_blocks : nullptr;
+  }
 };
 
-BlockKeys gather_keys(const BlockLists& lists, int64_t off, int64_t block_k, int64_t Sk) {
-  std::vector<int64_t> pos;
-  auto add_blocks = [&](const int32_t* idx, int64_t n) {
-    for (int64_t t = 0; t < n; ++t) {
-      const int64_t k0 = static_cast<int64_t>(idx[t]) * block_k;
-      const int64_t k1 = std::min(k0 + block_k, Sk);
-      for (int64_t j = k0; j < k1; ++j) {
-        pos.push_back(j);
-      }
-    }
-  };
-  add_blocks(lists.full_list(off), lists.full_count(off));
-  BlockKeys keys;
-  keys.n_full = static_cast<int64_t>(pos.size());
-  add_blocks(lists.list(off), lists.count(off));
-  keys.positions = at::tensor(pos, at::TensorOptions().dtype(at::kLong));
-  return keys;
-}
+// Sizes, window and lists of one call. Query i sees key j of a partial block iff
+// (!has_lo || j - i >= lo) && (!has_hi || j - i <= hi), lo = Sk - Sq - left, hi = Sk - Sq + right.
+struct AttnProblem {
+  int64_t B, Hq, Hkv, Sq, Sk, D, Dp, group, block_q, block_k, n_qb, n_kb;
+  int64_t block_k_max;  // keys of the largest key block: min(block_k, Sk)
+  int64_t lo = 0, hi = 0;
+  bool has_lo = false, has_hi = false;
+  double scale;
+  ListsView kv;
 
-// Scores scale·Q·Kᵀ of query rows [q0, q0 + rows) against the gathered keys, with the window mask
-// applied to the partial columns: key j is visible to query i iff
-// i + Sk - Sq - left <= j <= i + Sk - Sq + right (-1: unbounded on that side).
-at::Tensor masked_scores(const at::Tensor& qb, const at::Tensor& ksel, const BlockKeys& keys,
-                         int64_t q0, int64_t Sq, int64_t Sk, int64_t left, int64_t right,
-                         double scale) {
-  at::Tensor s = at::matmul(qb, ksel.t()).mul_(scale);
-  const int64_t n_partial = keys.n_keys() - keys.n_full;
-  if (n_partial > 0 && (left >= 0 || right >= 0)) {
-    const at::Tensor i = at::arange(q0, q0 + qb.size(0), keys.positions.options()).unsqueeze(1);
-    const at::Tensor j = keys.positions.narrow(0, keys.n_full, n_partial).unsqueeze(0);
-    const at::Tensor rel = j - i - (Sk - Sq);  // visible iff -left <= rel <= right
-    at::Tensor hidden = at::zeros({qb.size(0), n_partial}, rel.options().dtype(at::kBool));
+  AttnProblem(const at::Tensor& q, const at::Tensor& k, int64_t bq, int64_t bk, int64_t left,
+              int64_t right, double scale_, const BlockLists& lists)
+      : B(q.size(0)),
+        Hq(q.size(1)),
+        Hkv(k.size(1)),
+        Sq(q.size(2)),
+        Sk(k.size(2)),
+        D(q.size(3)),
+        Dp(round_up(q.size(3), kPad)),
+        group(q.size(1) / k.size(1)),
+        block_q(bq),
+        block_k(bk),
+        n_qb(ceil_div(q.size(2), bq)),
+        n_kb(ceil_div(k.size(2), bk)),
+        block_k_max(std::min(bk, std::max<int64_t>(k.size(2), 1))),
+        scale(scale_),
+        kv(lists) {
     if (left >= 0) {
-      hidden.logical_or_(rel < -left);
+      has_lo = true;
+      lo = Sk - Sq - left;
     }
     if (right >= 0) {
-      hidden.logical_or_(rel > right);
+      has_hi = true;
+      hi = Sk - Sq + right;
     }
-    s.narrow(1, keys.n_full, n_partial)
-        .masked_fill_(hidden, -std::numeric_limits<double>::infinity());
   }
-  return s;
-}
-
-struct Problem {
-  int64_t B, Hq, Hkv, Sq, Sk, D, group, n_qb, n_kb;
 };
 
-Problem problem_of(const at::Tensor& q, const at::Tensor& k, int64_t block_q, int64_t block_k) {
-  Problem p;
-  p.B = q.size(0);
-  p.Hq = q.size(1);
-  p.Sq = q.size(2);
-  p.D = q.size(3);
-  p.Hkv = k.size(1);
-  p.Sk = k.size(2);
-  p.group = p.Hq / p.Hkv;
-  p.n_qb = ceil_div(p.Sq, block_q);
-  p.n_kb = ceil_div(p.Sk, block_k);
-  return p;
+// Element pointers and (batch, head, row) strides of the inputs; the last dimension is unit-stride.
+template <typename scalar_t>
+struct FwdTensors {
+  const scalar_t *q, *k, *v;
+  int64_t q_s[3], k_s[3], v_s[3];
+  scalar_t* out;  // (B, Hq, Sq, D) contiguous
+  float* lse;     // (B, Hq, Sq) contiguous
+};
+
+template <typename scalar_t, typename A>
+struct BwdTensors {
+  const scalar_t *dout, *q, *k, *v, *out;
+  const float* lse;
+  int64_t do_s[3], q_s[3], k_s[3], v_s[3], o_s[3], lse_s[3];
+  scalar_t *dq, *dk, *dv;  // contiguous
+  A *dk_heads, *dv_heads;  // (B, Hq, Sk, D) per-head partial sums when Hq > Hkv, else null
+};
+
+template <typename T>
+void strides3(const at::Tensor& t, int64_t* s) {
+  for (int d = 0; d < 3; ++d) {
+    s[d] = t.stride(d);
+  }
 }
 
-std::tuple<at::Tensor, at::Tensor> block_sparse_attention_fwd_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_num_blocks,
-    const at::Tensor& kv_indices, const std::optional<at::Tensor>& full_kv_num_blocks,
-    const std::optional<at::Tensor>& full_kv_indices, int64_t block_q, int64_t block_k,
-    int64_t window_left, int64_t window_right, double scale) {
-  check_block_sparse_attention_args(q, k, v, kv_num_blocks, kv_indices, full_kv_num_blocks,
-                                    full_kv_indices, block_q, block_k, window_left, window_right);
-  TORCH_CHECK(q.device().is_cpu(), kOp, "(cpu backend) q must be a CPU tensor, got ", q.device());
-  const Problem p = problem_of(q, k, block_q, block_k);
-  const BlockLists kv("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
-                      kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices);
-  kv.validate(p.n_kb, "key block index in [0, ceil(Sk / block_k))");
+// LRKERNELS_POISON_OUTPUT=1 (the tests): outputs start as NaN, so an element the kernels never
+// write cannot pass.
+void poison(std::initializer_list<at::Tensor*> outputs) {
+  static const bool enabled = [] {
+    const char* value = std::getenv("LRKERNELS_POISON_OUTPUT");
+    return value != nullptr && std::string(value) == "1";
+  }();
+  if (enabled) {
+    for (at::Tensor* t : outputs) {
+      t->fill_(std::numeric_limits<double>::quiet_NaN());
+    }
+  }
+}
 
-  const at::ScalarType dtype = q.scalar_type();
-  const at::ScalarType acc = accumulation_type(q);
-  const at::Tensor qa = q.to(acc).contiguous();
-  const at::Tensor ka = k.to(acc).contiguous();
-  const at::Tensor va = v.to(acc).contiguous();
-  at::Tensor out = at::zeros({p.B, p.Hq, p.Sq, p.D}, qa.options());
-  at::Tensor lse = at::full({p.B, p.Hq, p.Sq}, -std::numeric_limits<double>::infinity(),
-                            qa.options());  // float32 at the end; rows seeing no key stay -inf
+// Unit last-dimension stride (the contract: others are made contiguous).
+at::Tensor unit_last(const at::Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
 
+}  // namespace
+}  // namespace lrkernels
+
+// ---------------------------------------------------------------- the kernels, once per ISA
+// Everything the kernels call from outside is declared above; from here on only their own code
+// is compiled, first for the baseline ISA, then (x86-64, GCC or clang) for AVX2 + FMA.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define LRK_HAVE_AVX2 1
+#else
+#define LRK_HAVE_AVX2 0
+#endif
+#if defined(__x86_64__) || defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+namespace lrkernels {
+namespace {
+
+#define LRK_ISA base
+#define LRK_VEC_BYTES 16
+#define LRK_FMA 0
+#define LRK_MR 4
+#include "attention_cpu_kernels.h"
+#undef LRK_ISA
+#undef LRK_VEC_BYTES
+#undef LRK_FMA
+#undef LRK_MR
+
+#if LRK_HAVE_AVX2
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+#define LRK_ISA avx2
+#define LRK_VEC_BYTES 32
+#define LRK_FMA 1
+#define LRK_MR 6
+#include "attention_cpu_kernels.h"
+#undef LRK_ISA
+#undef LRK_VEC_BYTES
+#undef LRK_FMA
+#undef LRK_MR
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+// AVX2 + FMA when the CPU has them and ATen's CPU capability (ATEN_CPU_CAPABILITY) allows them.
+bool use_avx2() {
+#if LRK_HAVE_AVX2
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    const std::string cap = at::get_cpu_capability();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cap != "DEFAULT" &&
+           cap != "NO AVX";
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
+template <typename scalar_t, typename A>
+void run_forward(const AttnProblem& p, const FwdTensors<scalar_t>& t) {
+  const int64_t n_tasks = p.B * p.Hq * p.n_qb;
+  const bool avx2 = use_avx2();
+  at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
+#if LRK_HAVE_AVX2
+    if (avx2) {
+      avx2::forward_tasks<scalar_t, A>(p, t, begin, end);
+      return;
+    }
+#endif
+    base::forward_tasks<scalar_t, A>(p, t, begin, end);
+  });
+}
+
+template <typename scalar_t, typename A>
+void run_backward(const AttnProblem& p, const BwdTensors<scalar_t, A>& t) {
+  const bool avx2 = use_avx2();
   at::parallel_for(0, p.B * p.Hq, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / p.Hq;
-      const int64_t h = bh % p.Hq;
-      const int64_t hk = h / p.group;
-      const at::Tensor q_bh = qa[b][h];
-      const at::Tensor k_bh = ka[b][hk];
-      const at::Tensor v_bh = va[b][hk];
-      for (int64_t r = 0; r < p.n_qb; ++r) {
-        const BlockKeys keys = gather_keys(kv, kv.row_of(b, h, r), block_k, p.Sk);
-        if (keys.n_keys() == 0) {
-          continue;  // no key: out 0, lse -inf
+#if LRK_HAVE_AVX2
+    if (avx2) {
+      avx2::backward_tasks<scalar_t, A>(p, t, begin, end);
+      return;
+    }
+#endif
+    base::backward_tasks<scalar_t, A>(p, t, begin, end);
+  });
+  if (p.group == 1) {
+    return;
+  }
+  // dk/dv of kv head hk: the sum over its group of query heads, in head order.
+  const int64_t D = p.D;
+  at::parallel_for(0, p.B * p.Hkv * p.Sk, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t j = row % p.Sk, bk = row / p.Sk;
+      const int64_t b = bk / p.Hkv, hk = bk % p.Hkv;
+      for (int64_t d = 0; d < D; ++d) {
+        A sk = 0, sv = 0;
+        for (int64_t g = 0; g < p.group; ++g) {
+          const int64_t at = ((b * p.Hq + hk * p.group + g) * p.Sk + j) * D + d;
+          sk += t.dk_heads[at];
+          sv += t.dv_heads[at];
         }
-        const int64_t q0 = r * block_q;
-        const int64_t rows = std::min(block_q, p.Sq - q0);
-        const at::Tensor qb = q_bh.narrow(0, q0, rows);
-        const at::Tensor ksel = k_bh.index_select(0, keys.positions);
-        const at::Tensor vsel = v_bh.index_select(0, keys.positions);
-        const at::Tensor s =
-            masked_scores(qb, ksel, keys, q0, p.Sq, p.Sk, window_left, window_right, scale);
-        const at::Tensor m = std::get<0>(s.max(1, /*keepdim=*/true));
-        const at::Tensor dead = m.isneginf();                      // rows that see no key
-        const at::Tensor e = (s - m.masked_fill(dead, 0)).exp_();  // hidden keys: exp(-inf) = 0
-        const at::Tensor l = e.sum(1, /*keepdim=*/true);           // 0 on dead rows
-        at::Tensor o = at::matmul(round_to(e, dtype), vsel);
-        o.div_(l.masked_fill(dead, 1));  // dead rows: o is already 0
-        out[b][h].narrow(0, q0, rows).copy_(o);
-        lse[b][h]
-            .narrow(0, q0, rows)
-            .copy_((m + l.log())
-                       .masked_fill_(dead, -std::numeric_limits<double>::infinity())
-                       .squeeze(1));
+        t.dk[row * D + d] = static_cast<scalar_t>(sk);
+        t.dv[row * D + d] = static_cast<scalar_t>(sv);
       }
     }
   });
-  return {out.to(dtype), lse.to(at::kFloat)};
+}
+
+std::tuple<at::Tensor, at::Tensor> block_sparse_attention_fwd_cpu(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
+    const std::optional<at::Tensor>& full_kv_num_blocks,
+    const std::optional<at::Tensor>& full_kv_indices, int64_t block_q, int64_t block_k,
+    int64_t window_left, int64_t window_right, double scale) {
+  check_block_sparse_attention_args(q_in, k_in, v_in, kv_num_blocks, kv_indices, full_kv_num_blocks,
+                                    full_kv_indices, block_q, block_k, window_left, window_right);
+  TORCH_CHECK(q_in.device().is_cpu(), kOp, "(cpu backend) q must be a CPU tensor, got ",
+              q_in.device());
+  const BlockLists kv("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                      kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices);
+  kv.validate(ceil_div(k_in.size(2), block_k), "key block index in [0, ceil(Sk / block_k))");
+  const at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
+  const AttnProblem p(q, k, block_q, block_k, window_left, window_right, scale, kv);
+  at::Tensor out = at::empty({p.B, p.Hq, p.Sq, p.D}, q.options());
+  at::Tensor lse = at::empty({p.B, p.Hq, p.Sq}, q.options().dtype(at::kFloat));
+  poison({&out, &lse});
+  if (out.numel() == 0) {
+    lse.fill_(-std::numeric_limits<float>::infinity());  // D >= 1: empty only when B·Hq·Sq is
+    return {out, lse};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attention_fwd_cpu", [&] {
+        using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        FwdTensors<scalar_t> t;
+        t.q = q.const_data_ptr<scalar_t>();
+        t.k = k.const_data_ptr<scalar_t>();
+        t.v = v.const_data_ptr<scalar_t>();
+        strides3<scalar_t>(q, t.q_s);
+        strides3<scalar_t>(k, t.k_s);
+        strides3<scalar_t>(v, t.v_s);
+        t.out = out.mutable_data_ptr<scalar_t>();
+        t.lse = lse.mutable_data_ptr<float>();
+        run_forward<scalar_t, A>(p, t);
+      });
+  return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_sparse_attention_bwd_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& kv_num_blocks,
-    const at::Tensor& kv_indices, const std::optional<at::Tensor>& full_kv_num_blocks,
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+    const at::Tensor& v_in, const at::Tensor& out_in, const at::Tensor& lse,
+    const at::Tensor& kv_num_blocks, const at::Tensor& kv_indices,
+    const std::optional<at::Tensor>& full_kv_num_blocks,
     const std::optional<at::Tensor>& full_kv_indices, const at::Tensor& q_num_blocks,
     const at::Tensor& q_indices, const std::optional<at::Tensor>& full_q_num_blocks,
     const std::optional<at::Tensor>& full_q_indices, int64_t block_q, int64_t block_k,
     int64_t window_left, int64_t window_right, double scale) {
-  check_block_sparse_attention_bwd_args(dout, q, k, v, out, lse, kv_num_blocks, kv_indices,
-                                        full_kv_num_blocks, full_kv_indices, q_num_blocks,
-                                        q_indices, full_q_num_blocks, full_q_indices, block_q,
-                                        block_k, window_left, window_right);
-  TORCH_CHECK(q.device().is_cpu(), kOp, "(cpu backend) q must be a CPU tensor, got ", q.device());
-  const Problem p = problem_of(q, k, block_q, block_k);
+  check_block_sparse_attention_bwd_args(dout_in, q_in, k_in, v_in, out_in, lse, kv_num_blocks,
+                                        kv_indices, full_kv_num_blocks, full_kv_indices,
+                                        q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
+                                        block_q, block_k, window_left, window_right);
+  TORCH_CHECK(q_in.device().is_cpu(), kOp, "(cpu backend) q must be a CPU tensor, got ",
+              q_in.device());
+  const int64_t n_qb = ceil_div(q_in.size(2), block_q), n_kb = ceil_div(k_in.size(2), block_k);
   const BlockLists kv("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
                       kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices);
-  kv.validate(p.n_kb, "key block index in [0, ceil(Sk / block_k))");
+  kv.validate(n_kb, "key block index in [0, ceil(Sk / block_k))");
   const BlockLists qt("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices",
                       q_num_blocks, q_indices, full_q_num_blocks, full_q_indices);
-  qt.validate(p.n_qb, "query block index in [0, ceil(Sq / block_q))");
+  qt.validate(n_qb, "query block index in [0, ceil(Sq / block_q))");
   check_transpose(kv, qt);
 
-  const at::ScalarType dtype = q.scalar_type();
-  const at::ScalarType acc = accumulation_type(q);
-  const at::Tensor qa = q.to(acc).contiguous();
-  const at::Tensor ka = k.to(acc).contiguous();
-  const at::Tensor va = v.to(acc).contiguous();
-  const at::Tensor doa = dout.to(acc).contiguous();
-  // delta = rowsum(dO ∘ O) (B, Hq, Sq), from out as stored (in the input dtype).
-  const at::Tensor delta = (doa * out.to(acc)).sum(-1);
-  // Rows with lse = -inf saw no key: +inf makes every P = exp(s - lse) of theirs 0, never NaN.
-  const at::Tensor lse_a =
-      lse.to(acc).masked_fill(lse.isneginf(), std::numeric_limits<double>::infinity());
-  at::Tensor dq = at::zeros({p.B, p.Hq, p.Sq, p.D}, qa.options());
-  at::Tensor dk = at::zeros({p.B, p.Hkv, p.Sk, p.D}, qa.options());
-  at::Tensor dv = at::zeros({p.B, p.Hkv, p.Sk, p.D}, qa.options());
-
-  // One task per (batch, kv head): it alone writes dk/dv of that head and dq of its query heads,
-  // in a fixed order, so the sums do not depend on the thread count.
-  at::parallel_for(0, p.B * p.Hkv, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bk = begin; bk < end; ++bk) {
-      const int64_t b = bk / p.Hkv;
-      const int64_t hk = bk % p.Hkv;
-      const at::Tensor k_bh = ka[b][hk];
-      const at::Tensor v_bh = va[b][hk];
-      at::Tensor dk_bh = dk[b][hk];
-      at::Tensor dv_bh = dv[b][hk];
-      for (int64_t h = hk * p.group; h < (hk + 1) * p.group; ++h) {
-        for (int64_t r = 0; r < p.n_qb; ++r) {
-          const BlockKeys keys = gather_keys(kv, kv.row_of(b, h, r), block_k, p.Sk);
-          if (keys.n_keys() == 0) {
-            continue;
-          }
-          const int64_t q0 = r * block_q;
-          const int64_t rows = std::min(block_q, p.Sq - q0);
-          const at::Tensor qb = qa[b][h].narrow(0, q0, rows);
-          const at::Tensor dob = doa[b][h].narrow(0, q0, rows);
-          const at::Tensor ksel = k_bh.index_select(0, keys.positions);
-          const at::Tensor vsel = v_bh.index_select(0, keys.positions);
-          const at::Tensor s =
-              masked_scores(qb, ksel, keys, q0, p.Sq, p.Sk, window_left, window_right, scale);
-          const at::Tensor pr = (s - lse_a[b][h].narrow(0, q0, rows).unsqueeze(1)).exp_();
-          const at::Tensor dp = at::matmul(dob, vsel.t());
-          const at::Tensor ds =
-              round_to(pr * (dp - delta[b][h].narrow(0, q0, rows).unsqueeze(1)), dtype);
-          dv_bh.index_add_(0, keys.positions, at::matmul(round_to(pr, dtype).t(), dob));
-          dk_bh.index_add_(0, keys.positions, at::matmul(ds.t(), qb).mul_(scale));
-          dq[b][h].narrow(0, q0, rows).copy_(at::matmul(ds, ksel).mul_(scale));
+  const at::Tensor q = unit_last(q_in), k = unit_last(k_in), v = unit_last(v_in);
+  const at::Tensor dout = unit_last(dout_in), out = unit_last(out_in);
+  const AttnProblem p(q, k, block_q, block_k, window_left, window_right, scale, kv);
+  at::Tensor dq = at::empty({p.B, p.Hq, p.Sq, p.D}, q.options());
+  at::Tensor dk = at::empty({p.B, p.Hkv, p.Sk, p.D}, q.options());
+  at::Tensor dv = at::empty({p.B, p.Hkv, p.Sk, p.D}, q.options());
+  poison({&dq, &dk, &dv});
+  if (dq.numel() == 0 || dk.numel() == 0) {  // no query or no key: every gradient is 0
+    return {dq.zero_(), dk.zero_(), dv.zero_()};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, q.scalar_type(), "block_sparse_attention_bwd_cpu", [&] {
+        using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        at::Tensor dk_heads, dv_heads;
+        BwdTensors<scalar_t, A> t;
+        t.dout = dout.const_data_ptr<scalar_t>();
+        t.q = q.const_data_ptr<scalar_t>();
+        t.k = k.const_data_ptr<scalar_t>();
+        t.v = v.const_data_ptr<scalar_t>();
+        t.out = out.const_data_ptr<scalar_t>();
+        t.lse = lse.const_data_ptr<float>();
+        strides3<scalar_t>(dout, t.do_s);
+        strides3<scalar_t>(q, t.q_s);
+        strides3<scalar_t>(k, t.k_s);
+        strides3<scalar_t>(v, t.v_s);
+        strides3<scalar_t>(out, t.o_s);
+        strides3<float>(lse, t.lse_s);
+        t.dq = dq.mutable_data_ptr<scalar_t>();
+        t.dk = dk.mutable_data_ptr<scalar_t>();
+        t.dv = dv.mutable_data_ptr<scalar_t>();
+        t.dk_heads = t.dv_heads = nullptr;
+        if (p.group > 1) {
+          const auto opts = q.options().dtype(c10::CppTypeToScalarType<A>::value);
+          dk_heads = at::empty({p.B, p.Hq, p.Sk, p.D}, opts);
+          dv_heads = at::empty({p.B, p.Hq, p.Sk, p.D}, opts);
+          t.dk_heads = dk_heads.mutable_data_ptr<A>();
+          t.dv_heads = dv_heads.mutable_data_ptr<A>();
         }
-      }
-    }
-  });
-  return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
+        run_backward<scalar_t, A>(p, t);
+      });
+  return {dq, dk, dv};
 }
 
 }  // namespace
