@@ -335,7 +335,7 @@ def int8_sweep(rng: random.Random, n: int) -> list[str]:
 # Small shapes that still reach every barrier-separated phase: several pipeline stages (more
 # steps than stages), the split-K partials / counter / reduction, both directions and tiles.
 INT8_TSAN = [
-    "op=mma dtype=f16 dir=fwd M=3 N=40 K=400 group=32 splits=2",
+    "op=mma dtype=f16 dir=fwd M=3 N=40 K=416 group=32 splits=2",  # K: 6.5 64-wide steps
     "op=mma dtype=bf16 dir=fwd M=17 N=33 K=336 sms=1",
     "op=mma dtype=bf16 dir=tr M=5 N=320 K=64 group=64 splits=3",
     "op=mma dtype=f16 dir=tr M=20 N=40 K=48",

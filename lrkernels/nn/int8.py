@@ -215,23 +215,6 @@ class Int8Linear(DenseWeightMixin, nn.Module):
             destination[prefix + "qweight"] = q
             destination[prefix + "scales"] = s
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Either layout loads; it is converted to this module's layout first.
-        qkey, skey = prefix + "qweight", prefix + "scales"
-        q, s = state_dict.get(qkey), state_dict.get(skey)
-        if isinstance(q, Tensor) and isinstance(s, Tensor) and q.dtype == torch.int8:
-            try:
-                incoming = layout_of(q)
-                group_size_of(q, s)
-            except (TypeError, ValueError):
-                incoming = None  # let the default loader report the mismatch
-            if incoming is not None and incoming != self.layout:
-                with torch.no_grad():
-                    q, s = pack(q, s) if self.layout == PACKED_LAYOUT_VERSION else unpack(q, s)
-                state_dict = dict(state_dict)
-                state_dict[qkey], state_dict[skey] = q, s
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def forward(self, input: Tensor) -> Tensor:
         return self._linear_with(input, self.bias)
 
@@ -260,6 +243,20 @@ class Int8Linear(DenseWeightMixin, nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
+        # Either layout loads; it is converted to this module's layout first.
+        qkey, skey = prefix + "qweight", prefix + "scales"
+        q, s = state_dict.get(qkey), state_dict.get(skey)
+        if isinstance(q, Tensor) and isinstance(s, Tensor) and q.dtype == torch.int8:
+            try:
+                incoming = layout_of(q)
+                group_size_of(q, s)
+            except (TypeError, ValueError):
+                incoming = None  # let the default loader report the mismatch
+            if incoming is not None and incoming != self.layout:
+                with torch.no_grad():
+                    q, s = pack(q, s) if self.layout == PACKED_LAYOUT_VERSION else unpack(q, s)
+                state_dict = dict(state_dict)
+                state_dict[qkey], state_dict[skey] = q, s
         # Adopt the checkpoint's activation dtype (that of its scales) instead of letting the
         # copy round float32 scales to bfloat16: the bias follows, since the kernels take one
         # dtype for x, scales and bias. The bias keeps its Parameter object (optimizers stay

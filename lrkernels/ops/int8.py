@@ -141,7 +141,8 @@ def int8_linear(
     check_int8_linear_args(x, qweight, scales, bias, group_size)
     chosen = backends.select_backend(_OP, backend, x, qweight, scales, bias)
     if chosen == "torch":
-        return int8_linear_reference(x, qweight, scales, bias)
+        # The weight is frozen on every backend: no gradient reaches the scales here either.
+        return int8_linear_reference(x, qweight, scales.detach(), bias)
     if chosen == "triton":
         _ensure_triton_ops()
         return torch.ops.lrkernels.int8_linear_triton(x, qweight, scales, bias)
