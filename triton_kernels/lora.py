@@ -670,7 +670,7 @@ def _lora_grad_A_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(
+def _lora_sum_splits_kernel(
     ws_ptr,
     out_ptr,
     R,
@@ -1160,7 +1160,7 @@ def launch_lora_grad_A(dt, x2d, threshold, seed, out, *, split=None):
         DROPOUT=threshold > 0, IEEE_FP32=esize == 4, INDEX_64=index_64,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=4,
     )  # fmt: skip
-    launchable(_sum_splits_kernel)[(k_tiles,)](
+    launchable(_lora_sum_splits_kernel)[(k_tiles,)](
         ws, out, R, K, split, *ws.stride(), out.stride(0), out.stride(1),
         BLOCK_R=br, BLOCK_K=bk, num_warps=4,
     )  # fmt: skip
