@@ -1,33 +1,48 @@
 """Benchmark of lrkernels.lora_linear / lora_linear_multi (LoRA on a frozen bf16 or int8 base)
 against the base layer alone and PEFT-style eager LoRA, side by side.
 
-    python bench/lora.py                 # the issue's table (GPU if one is visible, else CPU)
-    python bench/lora.py --quick         # a handful of rows
+    python bench/lora.py                  # every case (GPU if one is visible, else CPU stand-ins)
+    python bench/lora.py --quick          # a handful of rows
+    python bench/lora.py --headline       # the cases the goals name (what gpu_run.sh runs)
+    python bench/lora.py --cases decode-int8 train-dense --providers lrkernels-triton,peft-eager
+    python bench/lora.py --write-table    # also record the times in the dispatch table
 
-Cases (4096x4096, r = 16 on a GPU; small shapes on a CPU), each forward ("fwd") or forward +
-backward ("fwdbwd": the frozen base gives dx only, the adapters dA, dB):
+Cases (4096x4096, r = 16 on a GPU; 512x512 on a CPU; --size / --rank change them), each
+forward ("fwd") or forward + backward ("fwdbwd": the frozen base gives dx only, the adapters
+dA, dB):
 
 - single adapter, dense base (bf16 on a GPU, float32 on a CPU) and int8 base (per-channel
-  scales), decode M = 16 and training M = 8192 with dropout 0.1 (fwdbwd);
-- multi-adapter serving: M = 64 rows over 64 adapters, M = 4096 rows over 8 (fwd).
+  scales; the packed layout 2 on a GPU, as Int8Linear holds it there), decode M = 16 and
+  training M = 8192 (CPU: 256) with dropout 0.1 (fwdbwd);
+- multi-adapter serving: M = 64 rows over 64 adapters, M = 4096 rows over 8 (CPU: 64 over 8).
 
-Providers: lrkernels-cuda / lrkernels-triton / lrkernels-cpu (the fused op); base-only (the
-frozen layer alone: F.linear, or lrkernels.int8_linear for the int8 base: the yardstick of the
-targets); peft-eager (PEFT's computation: base + s·(drop(x)·Aᵀ)·Bᵀ as three matmuls and an
-add, on the same base; dropout uses a mask made outside the timed region, which spares it the
-RNG: conservative for our speedups); peft-compiled (that, through torch.compile); for
-multi-adapter, eager-loop (the base plus one masked LoRA product per adapter). Every provider
-is first checked against the float64 reference (same dropout mask: the counter-based hash); a
-wrong one is FAILED and never timed. Rows go to <out>/lora-<device>.csv with FLOPs, bytes
-(`lrkernels.roofline.lora_linear_cost`), TFLOP/s, GB/s and the roofline fraction; on a GPU the
-run ends with PASS/MISS against the issue's targets (goals, not asserts).
+Providers: lrkernels-cuda / lrkernels-triton / lrkernels-cpu / lrkernels-torch (the op with
+that backend: the dispatch paths whose times --write-table records, lrkernels-torch being the
+torch path auto falls back to); base-only (the frozen layer alone: F.linear, or
+lrkernels.int8_linear for the int8 base: the yardstick of the targets); peft-eager (PEFT's
+computation: base + s·(drop(x)·Aᵀ)·Bᵀ as three matmuls and an add, on the same base; dropout
+uses a mask made outside the timed region, which spares it the RNG: conservative for our
+speedups); peft-compiled (that, through torch.compile; left out on a CPU unless named); for
+multi-adapter, eager-loop (the base plus one masked LoRA product per adapter, with a host sync
+per adapter).
+
+Every provider is first checked against the float64 reference (same dropout mask: the
+counter-based hash; base-only against the base alone); lrkernels-cuda and lrkernels-triton
+must agree with each other on the whole output; a wrong one is FAILED, never timed, and makes
+the exit status 1. Rows go to <out>/lora-<device>.csv with FLOPs, bytes
+(`lrkernels.roofline.lora_linear_cost`), TFLOP/s, GB/s and the roofline fraction; the run ends
+with PASS/MISS against the targets of issue 11 (goals, not asserts; GPU rows only):
+
+  decode M=16 bf16 base            <= 1.05x the base F.linear alone
+  decode M=16 int8 base            <= 1.05x int8_linear alone; <= 0.6x PEFT-style on bf16
+  training M=8192, dropout 0.1     >= 1.3x faster than PEFT eager; <= 1.10x the frozen base
+  multi-adapter M=64, 64 adapters  <= 1.6x the base alone
+  multi-adapter M=4096, 8 adapters <= 1.05x the base alone
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
@@ -39,7 +54,7 @@ import torch.nn.functional as F
 import lrkernels
 from bench import harness
 from bench.harness import Provider, ProviderSkip, Row
-from lrkernels.quant import quantize
+from lrkernels.quant import pack, quantize
 from lrkernels.reference import (
     dequantize_reference,
     lora_dropout_keep_mask,
@@ -48,37 +63,59 @@ from lrkernels.reference import (
     lora_linear_exact,
     lora_linear_multi_exact,
 )
-from lrkernels.roofline import DevicePeaks, lora_linear_cost, measure_peaks
+from lrkernels.roofline import lora_linear_cost
 
 OP = "lora_linear"
+OP_MULTI = "lora_linear_multi"
 BASELINE = "base-only"
-REPO = Path(__file__).resolve().parents[1]
 ALL_PROVIDERS = [
     "lrkernels-cuda",
     "lrkernels-triton",
     "lrkernels-cpu",
+    "lrkernels-torch",
     "base-only",
     "peft-eager",
     "peft-compiled",
     "eager-loop",
 ]
+DISPATCH_PATHS = {
+    "lrkernels-cuda": "cuda",
+    "lrkernels-triton": "triton",
+    "lrkernels-cpu": "cpu",
+    "lrkernels-torch": "torch",
+}
 ALPHA = 32.0
 SEED = 1234  # the dropout seed of every case (the reference reproduces the kernels' mask)
 
-# (name, kind, base, M, pass, dropout, adapters); kind "single" or "multi".
+# (name, kind, base, M, pass, dropout, adapters); kind "single" or "multi"; base "dense",
+# "int8" (layout 1, plain qweight) or "int8-packed" (layout 2: what Int8Linear holds on CUDA).
 GPU_CASES = [
     ("decode-dense", "single", "dense", 16, "fwd", 0.0, 1),
-    ("decode-int8", "single", "int8", 16, "fwd", 0.0, 1),
+    ("decode-int8", "single", "int8-packed", 16, "fwd", 0.0, 1),
     ("train-dense", "single", "dense", 8192, "fwdbwd", 0.1, 1),
     ("multi-64x64", "multi", "dense", 64, "fwd", 0.0, 64),
     ("multi-4096x8", "multi", "dense", 4096, "fwd", 0.0, 8),
+    ("decode-int8-plain", "single", "int8", 16, "fwd", 0.0, 1),
+    ("mid-dense", "single", "dense", 256, "fwd", 0.0, 1),
+    ("mid-int8", "single", "int8-packed", 256, "fwd", 0.0, 1),
 ]
 CPU_CASES = [
     ("decode-dense", "single", "dense", 16, "fwd", 0.0, 1),
     ("decode-int8", "single", "int8", 16, "fwd", 0.0, 1),
     ("train-dense", "single", "dense", 256, "fwdbwd", 0.1, 1),
     ("multi-64x8", "multi", "dense", 64, "fwd", 0.0, 8),
+    ("decode-int8-packed", "single", "int8-packed", 16, "fwd", 0.0, 1),
 ]
+# --headline: the cases the goals name (on a CPU, their small stand-ins)
+HEADLINE_CASES = {
+    "cuda": ["decode-dense", "decode-int8", "train-dense", "multi-64x64", "multi-4096x8"],
+    "cpu": ["decode-dense", "decode-int8", "train-dense", "multi-64x8"],
+}
+QUICK_CASES = {
+    "cuda": ["decode-dense", "decode-int8"],
+    "cpu": ["decode-dense", "multi-64x8"],
+}
+SIZES = {"cuda": (4096, 16), "cpu": (512, 16)}  # (in = out, rank)
 
 
 def make_case(name, kind, base, M, pass_, p, n, *, size, rank, dtype, device, seed) -> dict:
@@ -89,9 +126,10 @@ def make_case(name, kind, base, M, pass_, p, n, *, size, rank, dtype, device, se
 
     K = N = size
     w = randn(N, K, s=K**-0.5)
-    if base == "int8":
+    if base.startswith("int8"):
         qweight, scales = quantize(w, None, scale_dtype=dtype)
-        spec, w_eff = (qweight, scales), dequantize_reference(qweight, scales, dtype)
+        w_eff = dequantize_reference(qweight, scales, dtype)
+        spec = pack(qweight, scales) if base == "int8-packed" else (qweight, scales)
     else:
         spec, w_eff = w, w
     bias = randn(N, s=0.1)
@@ -118,7 +156,7 @@ def make_case(name, kind, base, M, pass_, p, n, *, size, rank, dtype, device, se
 
 
 def reference(inp: dict) -> torch.Tensor:
-    w, ws = (inp["spec"], None) if inp["base"] != "int8" else inp["spec"]
+    w, ws = _wsplit(inp)
     if inp["kind"] == "multi":
         return lora_linear_multi_exact(
             inp["x"], w, ws, inp["A"], inp["B"], inp["index"], inp["ranks"], inp["scales"],
@@ -138,7 +176,7 @@ def cost(inp: dict) -> tuple[int, int]:
     sh = inp["shape"]
     return lora_linear_cost(
         sh["M"], sh["in"], sh["out"], sh["r"], inp["x"].element_size(),
-        group_size=0 if sh["base"] == "int8" else None, n_adapters=sh["adapters"],
+        group_size=None if sh["base"] == "dense" else 0, n_adapters=sh["adapters"],
         backward=sh["pass"] == "fwdbwd",
     )  # fmt: skip
 
@@ -198,11 +236,11 @@ def _ours(backend: str) -> Provider:
 
 
 def _wsplit(inp):
-    return (inp["spec"], None) if inp["base"] != "int8" else inp["spec"]
+    return (inp["spec"], None) if inp["base"] == "dense" else inp["spec"]
 
 
 def _base_forward(inp: dict):
-    if inp["base"] == "int8":
+    if inp["base"] != "dense":
         q, s = inp["spec"]
         return lambda x, b: lrkernels.int8_linear(x, q, s, b)
     w = inp["spec"]
@@ -229,7 +267,7 @@ def _base_cost(inp: dict) -> tuple[int, int]:
     sh = inp["shape"]
     f, nb = lora_linear_cost(
         sh["M"], sh["in"], sh["out"], 1, inp["x"].element_size(),
-        group_size=0 if sh["base"] == "int8" else None, n_adapters=0,
+        group_size=None if sh["base"] == "dense" else 0, n_adapters=0,
         backward=sh["pass"] == "fwdbwd",
     )  # fmt: skip
     return f, nb
@@ -253,7 +291,7 @@ def _peft(compiled: bool) -> Provider:
             raise ProviderSkip("PEFT-style eager is one adapter per call (see eager-loop)")
         fwd = _peft_forward(inp)
         if compiled:
-            if inp["base"] == "int8" and not torch.cuda.is_available():
+            if inp["base"] != "dense" and not torch.cuda.is_available():
                 raise ProviderSkip("compiling the int8 op's CPU path is not a peer here")
             fwd = torch.compile(fwd, fullgraph=True)
         return _run(inp, fwd)
@@ -282,6 +320,7 @@ PROVIDERS = {
     "lrkernels-cuda": _ours("cuda"),
     "lrkernels-triton": _ours("triton"),
     "lrkernels-cpu": _ours("cpu"),
+    "lrkernels-torch": _ours("torch"),
     "base-only": Provider("base-only", _base_only, _base_cost),
     "peft-eager": _peft(False),
     "peft-compiled": _peft(True),
@@ -325,11 +364,17 @@ TARGETS = [
 
 
 def targets_summary(rows: list[Row]) -> list[str]:
-    lines = ["LoRA targets (4096x4096, r=16; goals, not asserts):"]
-    ours = [p for p in dict.fromkeys(r.provider for r in rows) if p.startswith("lrkernels-")]
+    """PASS/MISS of every lrkernels provider against the goals of issue 11 (GPU rows only:
+    the goals are H100/H200 numbers)."""
+    lines = ["LoRA targets (issue 11; 4096x4096, r=16; goals, not asserts):"]
+    gpu = [r for r in rows if r.device == "cuda"]
+    if not gpu:
+        return lines + ["  not measured: a CPU run (the goals are GPU goals)"]
+    ours = [p for p in dict.fromkeys(r.provider for r in gpu) if p.startswith("lrkernels-")]
+    ours = [p for p in ours if p != "lrkernels-torch"]  # torch's path: no goal of its own
     for label, case, base_prov, base_case, goal in TARGETS:
         for p in ours:
-            ratio = _ratio(rows, case, p, base_prov, base_case)
+            ratio = _ratio(gpu, case, p, base_prov, base_case)
             if ratio is None:
                 lines.append(f"  {p}: {label}: not measured")
             else:
@@ -338,90 +383,109 @@ def targets_summary(rows: list[Row]) -> list[str]:
     return lines
 
 
+def is_headline(r: Row) -> bool:
+    return r.shape["case"] in HEADLINE_CASES[r.device]
+
+
+def dispatch_features(op: str):
+    """The dispatch features of `op` for a row of this benchmark (None: not that op)."""
+
+    def features(r: Row) -> dict | None:
+        s = r.shape
+        base = "dense" if s["base"] == "dense" else "int8"
+        common = {"M": s["M"], "in": s["in"], "out": s["out"], "rank": s["r"], "base": base}
+        if op == OP_MULTI and r.op == OP_MULTI:
+            return {**common, "adapters": s["adapters"]}
+        if op == OP and r.op == OP:
+            train = s["pass"] == "fwdbwd"
+            return {**common, "mode": "train" if train else "infer", "dropout": s["dropout"] > 0}
+        return None
+
+    return features
+
+
 # ------------------------------------------------------------------------------ main
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a handful of rows")
-    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
-    p.add_argument("--providers", nargs="+", help=f"subset of {','.join(ALL_PROVIDERS)}")
-    p.add_argument("--cases", nargs="+", help="case names (default: all for the device)")
-    p.add_argument("--out", default=str(REPO / "bench" / "results"), help="output folder")
-    p.add_argument("--warm-l2", action="store_true", help="GPU: do not flush L2 between runs")
-    p.add_argument("--rep-ms", type=float, help="time budget per measurement (ms)")
-    p.add_argument("--max-seconds", type=float, help="start no new case after this many seconds")
-    p.add_argument("--seed", type=int, default=0)
+    all_cases = list(dict.fromkeys(c[0] for c in GPU_CASES + CPU_CASES))
+    p = harness.make_parser(__doc__, ALL_PROVIDERS)
+    g = p.add_argument_group("sizes (default: the device's)")
+    g.add_argument(
+        "--cases",
+        nargs="+",
+        metavar="NAME",
+        help=f"cases to run, of {', '.join(all_cases)} (default: all the device's)",
+    )
+    g.add_argument("--size", type=int, help="in = out features (default: 4096 GPU, 512 CPU)")
+    g.add_argument("--rank", type=int, help="adapter rank r (default: 16)")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None, extra_providers: list[Provider] | None = None) -> int:
-    """Run the benchmark; the exit status is 1 iff a correctness check failed."""
-    args = parse_args(argv)
-    t0 = time.monotonic()
-    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if device_type == "cuda"
-        else (torch.device("cpu"))
-    )
-    gpu = device_type == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
-    size, rank = (4096, 16) if gpu else (512, 16)
-    cases = GPU_CASES if gpu else CPU_CASES
+def build_cases(args, device_type: str) -> list[tuple]:
+    cases = GPU_CASES if device_type == "cuda" else CPU_CASES
+    if args.headline:
+        cases = [c for c in cases if c[0] in HEADLINE_CASES[device_type]]
+    elif args.quick:
+        cases = [c for c in cases if c[0] in QUICK_CASES[device_type]]
     if args.cases:
-        cases = [c for c in cases if c[0] in args.cases]
-    if args.quick:
-        cases = cases[:2] if gpu else [c for c in cases if c[0] in ("decode-dense", "multi-64x8")]
-    names = args.providers or [
-        n
-        for n in ALL_PROVIDERS
-        if n != {"cuda": "lrkernels-cpu", "cpu": "lrkernels-cuda"}[device_type]
-    ]
-    if gpu is False and not args.providers:
-        names = [n for n in names if n not in ("lrkernels-triton", "peft-compiled")]
-    unknown = [n for n in names if n not in PROVIDERS]
-    if unknown:
-        raise SystemExit(f"unknown provider(s) {unknown}; choose from {ALL_PROVIDERS}")
-    if BASELINE not in names:
-        names.append(BASELINE)
-    providers = [PROVIDERS[n] for n in names] + list(extra_providers or [])
+        wanted = set(harness.flat(args.cases))
+        unknown = wanted - {c[0] for c in GPU_CASES + CPU_CASES}
+        if unknown:
+            raise SystemExit(f"unknown case(s) {sorted(unknown)}")
+        cases = [c for c in (GPU_CASES if device_type == "cuda" else CPU_CASES) if c[0] in wanted]
+    return cases
 
-    meta = harness.collect_metadata(device)
-    slug = harness.device_slug(device)
-    csv_path = Path(args.out) / f"lora-{slug}.csv"
-    timer_kw: dict = {}
-    if gpu:
-        timer_kw["flush_l2"] = not args.warm_l2
-        if args.rep_ms:
-            timer_kw["rep_ms"] = args.rep_ms
-    elif args.rep_ms:
-        timer_kw["rep_s"] = args.rep_ms / 1e3
-    print(
-        f"lora_linear benchmark on {meta['device_name']} ({device_type}); torch "
-        f"{meta['torch_version']}, git {meta['git_commit']}; {size}x{size}, r={rank}, {dtype}"
+
+def _left_out(device_type: str) -> list[tuple[str, str]]:
+    if device_type == "cpu":
+        return [("peft-compiled", "torch.compile on a CPU costs a compile per case (name it)")]
+    return []
+
+
+def main(argv: list[str] | None = None, extra_providers: list[Provider] | None = None) -> int:
+    """Run the benchmark; the exit status is 1 iff a correctness check failed.
+    `extra_providers` adds providers (tests inject a deliberately wrong one)."""
+    args = parse_args(argv)
+    run = harness.Bench(
+        name="lora",
+        op=OP,
+        args=args,
+        all_providers=ALL_PROVIDERS,
+        baseline=BASELINE,
+        extra_left_out=_left_out,
     )
-    if not gpu:
-        print("NOTE: CPU run: small shapes and CPU times, not the GPU numbers.")
-    peaks: DevicePeaks = measure_peaks(device, dtype)
-    dname = str(dtype).replace("torch.", "")
+    gpu = run.device_type == "cuda"
+    size, rank = SIZES[run.device_type]
+    size, rank = args.size or size, args.rank or rank
+    dtypes = harness.parse_dtypes(harness.flat(args.dtype)) if args.dtype else []
+    dtypes = dtypes or [torch.bfloat16 if gpu else torch.float32]
+    providers = [PROVIDERS[n] for n in run.provider_names if n != BASELINE]
+    providers += list(extra_providers or [])
+    cases = [(c, dt) for dt in dtypes for c in build_cases(args, run.device_type)]
+    run.banner(f"lora_linear benchmark ({size}x{size}, r={rank})")
+    print(f"{len(cases)} cases x {len(providers) + 1} providers; baseline {BASELINE}", flush=True)
+
     rows: list[Row] = []
-    for i, (name, kind, base, M, pass_, p, n) in enumerate(cases):
-        if args.max_seconds and time.monotonic() - t0 > args.max_seconds:
-            print(f"--max-seconds reached: {len(cases) - i} case(s) not run")
+    truncated = 0
+    for i, ((name, kind, base, M, pass_, p, n), dtype) in enumerate(cases):
+        if run.out_of_time():
+            truncated = len(cases) - i
             break
+        peaks = run.peaks(dtype)
         inp = make_case(
-            name, kind, base, M, pass_, p, n, size=size, rank=rank, dtype=dtype, device=device,
-            seed=args.seed + i,
+            name, kind, base, M, pass_, p, n, size=size, rank=rank, dtype=dtype,
+            device=run.device, seed=args.seed + i,
         )  # fmt: skip
-        common = dict(shape=inp["shape"], dtype=dtype, device=device, inputs=inp, peaks=peaks)
+        common = dict(
+            shape=inp["shape"], dtype=dtype, device=run.device, inputs=inp, peaks=peaks,
+            baseline=BASELINE, timer_kw=run.timer_kw,
+        )  # fmt: skip
         case_rows = harness.run_case(
-            op=OP if kind == "single" else "lora_linear_multi",
+            op=OP if kind == "single" else OP_MULTI,
             reference=reference(inp),
             cost=cost(inp),
-            providers=[p for p in providers if p.name != BASELINE],
-            baseline=BASELINE,
-            timer_kw=timer_kw,
+            providers=providers,
             **common,
         )
         # The frozen base alone computes another function: its own reference and check.
@@ -430,8 +494,6 @@ def main(argv: list[str] | None = None, extra_providers: list[Provider] | None =
             reference=base_reference(inp),
             cost=_base_cost(inp),
             providers=[PROVIDERS[BASELINE]],
-            baseline=BASELINE,
-            timer_kw=timer_kw,
             **common,
         )
         base_row = base_rows[0]
@@ -440,16 +502,32 @@ def main(argv: list[str] | None = None, extra_providers: list[Provider] | None =
                 r.speedup = base_row.ms_median / r.ms_median
         case_rows += base_rows
         rows += case_rows
-        print(f"\n[{i + 1}/{len(cases)}] {name}: M={M} {base} {pass_} dropout={p} adapters={n}")
+        del inp
+        where = f"{name}: M={M} {base} {pass_} dropout={p} adapters={n} {dtype}"
+        print(f"\n[{i + 1}/{len(cases)}] {where.replace('torch.', '')}")
         harness.print_table(case_rows)
-        harness.write_csv(csv_path, rows, meta, {dname: peaks})
-    if gpu:
-        print("\n" + "\n".join(targets_summary(rows)))
-    print(f"\nCSV: {csv_path}")
-    failed = [r for r in rows if r.failed]
-    for r in failed:
-        print(f"FAILED {r.provider} {r.shape}: {r.status}", file=sys.stderr)
-    return 1 if failed else 0
+        run.write_csv(rows)  # after every case: a run cut short still leaves its rows
+
+    def entries() -> list[dict]:
+        return [
+            e
+            for op in (OP, OP_MULTI)
+            for e in harness.dispatch_entries(
+                rows,
+                op=op,
+                paths=DISPATCH_PATHS,
+                features=dispatch_features(op),
+                device=run.device,
+            )  # fmt: skip
+        ]
+
+    return run.finish(
+        rows,
+        report=targets_summary(rows),
+        truncated=truncated,
+        headline=is_headline,
+        dispatch_entries=entries,
+    )
 
 
 if __name__ == "__main__":

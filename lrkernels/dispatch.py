@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from .ops import compile_time_constant
+
 BACKENDS = ("cuda", "triton", "cpu", "torch")  # lrkernels.BACKENDS
 TABLE_FORMAT = 1
 # A kernel is preferred in a class only if it took at most this fraction of torch's time on
@@ -150,8 +152,9 @@ def _device_key_uncached(kind: str, index: int | None) -> str:
     return f"{kind}:{device_name(torch.device(kind, index))}"
 
 
-# Evaluated once, outside the graph, when torch.compile meets it.
-_device_key_const = torch.compiler.assume_constant_result(_device_key_uncached)
+# Evaluated once, outside the graph, when torch.compile meets it (`compile_time_constant`:
+# torch.compiler.assume_constant_result without importing torch._dynamo at import time).
+_device_key_const = compile_time_constant(_device_key_uncached)
 
 
 def device_key(device: torch.device) -> str:

@@ -203,7 +203,8 @@ def lora_keep_scale(threshold: int) -> float:
 
 
 def lora_base_weight(weight: Tensor, weight_scales: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """The base weight (out, in) in `dtype`: `weight` itself (dense) or int8 dequantized."""
+    """The base weight (out, in) in `dtype`: `weight` itself (dense) or int8 dequantized
+    (either layout of `lrkernels.quant`)."""
     if weight_scales is None:
         return weight.to(dtype)
     return dequantize_reference(weight, weight_scales, dtype)
@@ -239,7 +240,7 @@ def lora_linear_reference(
     x2d = x.reshape(-1, x.shape[-1])
     t = F.linear(_lora_dropped(x2d, threshold, seed), A)
     y = F.linear(x2d, w, bias) + scale * F.linear(t, B)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y.reshape(*x.shape[:-1], w.shape[0])  # w: a packed int8 base unpacked
 
 
 def lora_linear_exact(
@@ -300,7 +301,7 @@ def lora_linear_multi_reference(
     t = torch.einsum("mk,mrk->mr", x2d, a_rows)
     lora = torch.einsum("mr,mor->mo", t, b_rows) * s_rows.to(x.dtype)[:, None]
     y = F.linear(x2d, w, bias) + lora
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 def lora_linear_multi_exact(

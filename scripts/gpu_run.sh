@@ -7,19 +7,19 @@
 #   bash scripts/gpu_run.sh --dry-run [OUT_DIR]   every step's CPU path, small: CI runs it
 #
 #   OUT_DIR/summary.txt      device, versions, commit, each step's status and time, the
-#                            headline rows with PASS/MISS against the goals of issues 8, 9, 10
+#                            headline rows with PASS/MISS against the goals of issues 8-11
 #   OUT_DIR/gpu_run.tar.gz   gpu_run/: summary.txt, the logs, results/*.csv|svg,
 #                            tests-*.xml, headline.txt, dispatch_table.json (+ .txt)
 #
 # Steps, in order, each time-boxed (a step never eats the time the steps after it reserve):
 #   1. build      the extension for the visible GPU's architecture only (MAX_JOBS=16)
-#   2. headline   bench/{lowrank,int8,attn}.py --headline: the shapes the goals name, each
+#   2. headline   bench/{lowrank,int8,lora,attn}.py --headline: the shapes the goals name, each
 #                 checked before timing in seconds (float64/float32 reference on a spread of rows
 #                 or on the first heads, and lrkernels-cuda vs lrkernels-triton on everything)
 #   3. correct    in parallel: the GPU tests (pytest -m gpu, one process per family, -x, each
 #                 time-boxed) and compute-sanitizer memcheck and racecheck restricted to this
 #                 library's kernels (--kernel-name), on tiny shapes (scripts/sanitize.py)
-#   4. sweeps     the three full benchmark sweeps with the time left
+#   4. sweeps     the four full benchmark sweeps with the time left (LoRA's a small share)
 #   5. table      the dispatch table every benchmark step merged its rows into, printed
 # The archive and summary are rewritten after every step, so a run cut short still returns them.
 # Exit status 0 only if every step passed.
@@ -28,7 +28,8 @@
 #   LRKERNELS_COMMIT=$(git rev-parse --short HEAD) (computed here, written literally there).
 # Knobs: PYTHON (default python3), GPU_RUN_BUDGET_S (default 540), TORCH_CUDA_ARCH_LIST (default:
 # the visible GPU's), MAX_JOBS (16), CUDA_HOME (/usr/local/cuda), BENCH_ARGS / BENCH_INT8_ARGS /
-# BENCH_ATTN_ARGS (more arguments for the sweeps), SANITIZER_TOOLS ("memcheck racecheck").
+# BENCH_LORA_ARGS / BENCH_ATTN_ARGS (more arguments for the sweeps), SANITIZER_TOOLS
+# ("memcheck racecheck").
 set -u
 set -o pipefail
 
@@ -153,7 +154,7 @@ summary() {
       printf '%-28s %s\n' "$(basename "$f")" "$(grep -E 'ERROR SUMMARY|failure\(s\)|unavailable' "$f" | tail -n 2 | tr '\n' ' ')"
     done
     echo
-    echo "=== headline rows (bench/*.py --headline; goals of issues 8, 9, 10: PASS/MISS)"
+    echo "=== headline rows (bench/*.py --headline; goals of issues 8-11: PASS/MISS)"
     cat "$RES/headline.txt" 2>/dev/null || echo "(no headline step finished)"
     echo
     echo "=== verdicts of the full sweeps"
@@ -216,7 +217,7 @@ EOF
 cat "$RES/env.txt"
 
 # ---------------------------------------------------------------------------- 1. build
-# reserves: headline 150 s, correctness 80 s, table + archive 15 s
+# reserves: headline 195 s, correctness 70 s, table + archive 15 s
 if [ "$DRY" = 1 ]; then
   echo "dry run: no build (TORCH_CUDA_ARCH_LIST would be '$TORCH_CUDA_ARCH_LIST'); the extension as found" \
     | tee "$RES/build.log"
@@ -225,10 +226,10 @@ elif [ "$ARCH" = none ]; then
   echo "torch sees no CUDA device: nothing to build for" | tee "$RES/build.log"
   record FAIL build 0 "no CUDA device visible"
 else
-  run_step build build.log 240 245 \
+  run_step build build.log 240 280 \
     env LRKERNELS_BUILD_CUDA=1 "$PY" setup.py build_ext --inplace --build-temp "build/temp-gpu-$ARCH"
 fi
-run_step backends build.log 60 245 "$PY" -c '
+run_step backends build.log 60 280 "$PY" -c '
 import sys, lrkernels
 b = lrkernels.available_backends()
 for k, v in b.items():
@@ -243,16 +244,26 @@ else
   HL=()
 fi
 BENCH_OUT=(--write-table "$RES/dispatch_table.json" --summary "$RES/headline.txt")
-# caps: lowrank 70 s, int8 70 s, attention 150 s (FlexAttention compiles its forward and
-# backward); each stops starting new shapes 25 s (attention 40 s) before its limit
-cap=$(limit_for 70 230)
-run_step headline-lowrank headline-lowrank.log 70 230 \
+# caps: lowrank 70 s, int8 70 s, LoRA 50 s (five cases; its Triton kernels compile on first
+# use), attention 150 s (FlexAttention compiles its forward and backward); each stops starting
+# new shapes 25 s (LoRA 20 s, attention 40 s) before its limit
+# when the build took its whole cap, each is still left lowrank 55 s, int8 55 s, LoRA 45 s,
+# attention 55 s and the correctness step 70 s
+cap=$(limit_for 70 240)
+run_step headline-lowrank headline-lowrank.log 70 240 \
   "$PY" bench/lowrank.py --headline --max-seconds "$(bench_seconds "$cap" 25)" ${HL[@]+"${HL[@]}"} "${BENCH_OUT[@]}"
-cap=$(limit_for 70 165)
-run_step headline-int8 headline-int8.log 70 165 \
+cap=$(limit_for 70 185)
+run_step headline-int8 headline-int8.log 70 185 \
   "$PY" bench/int8.py --headline --max-seconds "$(bench_seconds "$cap" 25)" ${HL[@]+"${HL[@]}"} "${BENCH_OUT[@]}"
-cap=$(limit_for 150 95)
-run_step headline-attn headline-attn.log 150 95 \
+# torch.compile of PEFT's LoRA costs a compile per case: left out of the time-boxed runs
+LORA_PROVIDERS=lrkernels-cuda,lrkernels-triton,lrkernels-torch,base-only,peft-eager,eager-loop
+if [ "$DRY" = 1 ]; then LORA_PROVIDERS=lrkernels-cpu,lrkernels-torch,base-only,peft-eager,eager-loop; fi
+cap=$(limit_for 50 140)
+run_step headline-lora headline-lora.log 50 140 \
+  "$PY" bench/lora.py --headline --max-seconds "$(bench_seconds "$cap" 20)" --providers "$LORA_PROVIDERS" \
+  ${HL[@]+"${HL[@]}"} "${BENCH_OUT[@]}"
+cap=$(limit_for 150 85)
+run_step headline-attn headline-attn.log 150 85 \
   "$PY" bench/attn.py --headline --max-seconds "$(bench_seconds "$cap" 40)" ${HL[@]+"${HL[@]}"} "${BENCH_OUT[@]}"
 
 # ---------------------------------------------------------------------------- 3. correctness
@@ -338,7 +349,8 @@ fi
 snapshot
 
 # ---------------------------------------------------------------------------- 4. sweeps
-# lowrank a third of the time left, int8 half of what is then left, attention the rest
+# lowrank a third of the time left, int8 half of what is then left, LoRA a quarter of the rest,
+# attention what remains
 if [ "$DRY" = 1 ]; then
   SW=(--quick --device cpu --rep-ms 5 --threads 1)
   sweep_s() { echo 1; }
@@ -365,6 +377,7 @@ LOWRANK_PROVIDERS=lrkernels-cuda,lrkernels-triton,torch-2mm,dense-linear
 if [ "$DRY" = 1 ]; then LOWRANK_PROVIDERS=lrkernels-cpu,torch-2mm,dense-linear; fi
 sweep sweep-lowrank bench/lowrank.py 3 30 "${BENCH_ARGS:---providers $LOWRANK_PROVIDERS}"
 sweep sweep-int8 bench/int8.py 2 30 "${BENCH_INT8_ARGS:-}"
+sweep sweep-lora bench/lora.py 4 20 "${BENCH_LORA_ARGS:---providers $LORA_PROVIDERS}"
 sweep sweep-attn bench/attn.py 1 60 "${BENCH_ATTN_ARGS:-}"
 
 # ---------------------------------------------------------------------------- 5. table

@@ -38,13 +38,16 @@ def test_dry_run_writes_one_archive_and_the_summary(tmp_path):
     assert res.returncode == 0, f"{res.stdout[-4000:]}\n{res.stderr[-2000:]}\n{summary}"
     assert sorted(p.name for p in out.iterdir()) == ["gpu_run.tar.gz", "summary.txt"]
     assert "commit: 0123abc" in summary and "ALL STEPS PASSED" in summary
-    for step in ["headline-lowrank", "headline-int8", "headline-attn", "tests-collect"]:
+    for step in ["headline-lowrank", "headline-int8", "headline-lora", "headline-attn",
+                 "tests-collect"]:  # fmt: skip
         assert re.search(rf"^PASS\s+{step}\s", summary, re.M), step
-    for step in ["sanitizer-memcheck", "sweep-lowrank", "sweep-int8", "sweep-attn", "table"]:
+    for step in ["sanitizer-memcheck", "sweep-lowrank", "sweep-int8", "sweep-lora", "sweep-attn",
+                 "table"]:  # fmt: skip
         assert re.search(rf"^PASS\s+{step}\s", summary, re.M), step
-    for name in ("lowrank_linear", "int8_linear", "block_sparse_attention"):
+    for name in ("lowrank_linear", "int8_linear", "lora_linear", "block_sparse_attention"):
         assert f"{name} headline on" in summary  # each family's headline rows
     assert "lowrank targets (issue 9" in summary and "int8 targets (issue 8)" in summary
+    assert "LoRA targets (issue 11" in summary
     assert (
         "would run PYTORCH_NO_CUDA_MEMORY_CACHING=1"
         in (
@@ -57,11 +60,14 @@ def test_dry_run_writes_one_archive_and_the_summary(tmp_path):
         names = set(tar.getnames())
         for f in ["summary.txt", "headline.txt", "dispatch_table.json", "dispatch_table.txt"]:
             assert f"gpu_run/{f}" in names, f
-        for f in ["lowrank-cpu.csv", "int8-cpu.csv", "attn-cpu.csv"]:
+        for f in ["lowrank-cpu.csv", "int8-cpu.csv", "lora-cpu.csv", "attn-cpu.csv"]:
             assert f"gpu_run/results/{f}" in names, f
         table = json.load(tar.extractfile("gpu_run/dispatch_table.json"))
     ops = {r["op"] for r in table["rows"]}
-    assert ops == {"lowrank_linear", "int8_linear", "block_sparse_attention"}
+    assert ops == {
+        "lowrank_linear", "int8_linear", "lora_linear", "lora_linear_multi",
+        "block_sparse_attention",
+    }  # fmt: skip
     assert all(r["order"][-1] == "torch" and r["device"].startswith("cpu:") for r in table["rows"])
     assert all(r["source"]["commit"].startswith("0123abc") for r in table["rows"])
 

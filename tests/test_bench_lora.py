@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 
 import lrkernels
 from bench import lora as bench_lora
@@ -77,3 +78,32 @@ def test_case_inputs_match_their_reference_shapes(case):
     inp = bench_lora.make_case(*spec, size=64, rank=4, dtype=bench_lora.torch.float32,
                                device="cpu", seed=0)  # fmt: skip
     assert bench_lora.reference(inp).shape == (spec[3], 64)
+
+
+def test_headline_writes_dispatch_rows_and_summary(tmp_path):
+    """--headline runs the goals' cases (CPU stand-ins here); --write-table records the times
+    of the dispatch paths under the classes auto selection looks up; --summary gets the rows
+    and the targets' lines."""
+    table, summary = tmp_path / "table.json", tmp_path / "summary.txt"
+    args = ["--headline", "--out", str(tmp_path), "--write-table", str(table),
+            "--summary", str(summary), "--providers", "lrkernels-torch,base-only", *FAST]  # fmt: skip
+    assert bench_lora.main(args) == 0
+    with open(tmp_path / "lora-cpu.csv", newline="") as f:
+        cases = {r["case"] for r in csv.DictReader(f)}
+    assert cases == set(bench_lora.HEADLINE_CASES["cpu"])
+    rows = lrkernels.dispatch.read_table(table)["rows"]
+    by_op = {}
+    for r in rows:
+        by_op.setdefault(r["op"], []).append(r)
+        assert r["order"] == ["torch"] and r["device"].startswith("cpu:")
+    assert sorted(by_op) == ["lora_linear", "lora_linear_multi"]
+    classes = {r["class"] for r in by_op["lora_linear"]}
+    assert any(c.endswith("base=int8 infer") for c in classes)
+    assert any(c.endswith("base=dense train dropout") for c in classes)
+    # the class written is the one auto selection computes for the same call
+    h = lrkernels.dispatch.hooks("lora_linear")
+    x = torch.randn(16, 512)
+    w, A, B = torch.randn(512, 512), torch.randn(16, 512), torch.randn(512, 16)
+    assert h.shape_class(h.features(x, w, None, A, B, None)) in classes
+    text = summary.read_text()
+    assert "lora_linear headline on" in text and "LoRA targets (issue 11" in text

@@ -162,6 +162,8 @@ def test_dropout_mask_is_bit_exact(backend, kind):
     skip_unless_runs("lora_linear", backend, x, w, ws, A, B, None)
     if backend == "torch":
         pytest.skip("torch: the reference itself")
+    if backend == "triton":
+        lrkernels.ops.register_triton_ops()  # registered on first use otherwise
     op = (
         torch.ops.lrkernels.lora_linear_triton
         if backend == "triton"

@@ -76,9 +76,11 @@ def test_lora_linear_module_dense(rslora):
     assert layer.scale == s
 
 
-def test_lora_linear_module_int8():
+@pytest.mark.parametrize("layout", [1, 2])
+def test_lora_linear_module_int8(layout):
     lin = nn.Linear(64, 16)
-    base = Int8Linear.from_linear(lin, group_size=32, dtype=torch.float32)
+    base = Int8Linear.from_linear(lin, group_size=32, dtype=torch.float32, layout=layout)
+    assert base.layout == layout
     layer = LoRALinear(base, r=3, alpha=3)
     randomize_adapters(layer)
     x = torch.randn(5, 64)
@@ -98,11 +100,15 @@ def test_dropout_only_in_training():
     assert not torch.equal(layer(x), layer(x))
 
 
-@pytest.mark.parametrize("kind", ["dense", "int8"])
+@pytest.mark.parametrize("kind", ["dense", "int8", "int8-packed"])
 def test_merge_unmerge(kind):
     lin = nn.Linear(64, 24)
+    layout = 2 if kind == "int8-packed" else 1
+    kind = kind[:4]
     base = (
-        Int8Linear.from_linear(lin, group_size=64, dtype=torch.float32) if kind == "int8" else lin
+        Int8Linear.from_linear(lin, group_size=64, dtype=torch.float32, layout=layout)
+        if kind == "int8"
+        else lin
     )
     layer = LoRALinear(base, r=4, alpha=4)
     randomize_adapters(layer, std=0.05)
@@ -120,6 +126,8 @@ def test_merge_unmerge(kind):
         assert not torch.equal(base.qweight, q0)
     else:
         torch.testing.assert_close(merged, before, rtol=1e-5, atol=1e-5)
+    if kind == "int8":  # merged in the base's own layout; the state_dict holds layout 1
+        assert base.layout == layout and base.state_dict()["qweight"].dim() == 2
     layer.unmerge()
     if kind == "int8":
         assert torch.equal(base.qweight, q0) and torch.equal(base.scales, s0)  # exactly
@@ -256,9 +264,10 @@ def test_peft_loads_adapter_saved_here(tmp_path):
         torch.testing.assert_close(pm(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_peft_interop_int8_base(tmp_path):
-    """A PEFT adapter trained on the dense model, loaded onto its int8-quantized copy: the
-    outputs equal PEFT's on the same int8 weights (dequantized)."""
+@pytest.mark.parametrize("layout", [1, 2])
+def test_peft_interop_int8_base(tmp_path, layout):
+    """A PEFT adapter trained on the dense model, loaded onto its int8-quantized copy (plain or
+    packed): the outputs equal PEFT's on the same int8 weights (dequantized)."""
     torch.manual_seed(2)
     plain = Tiny()
     twin = Tiny()
@@ -270,6 +279,10 @@ def test_peft_interop_int8_base(tmp_path):
                 p.normal_(0, 0.3)
     pm.save_pretrained(tmp_path)
     lrkernels.nn.quantize_linears(plain, group_size=None, include=r"(up|down)$")
+    if layout == 2:
+        for m in plain.modules():
+            if isinstance(m, Int8Linear):
+                m.pack()
     load_peft_adapter(plain, tmp_path)
     x = torch.randn(3, 8)
     with torch.no_grad():
@@ -292,12 +305,15 @@ def test_load_peft_rejects_unsupported(tmp_path):
 # ------------------------------------------------------------------------- multi-adapter
 
 
-@pytest.mark.parametrize("kind", ["dense", "int8"])
+@pytest.mark.parametrize("kind", ["dense", "int8", "int8-packed"])
 def test_multi_lora_module_equals_each_adapter(kind):
     torch.manual_seed(3)
     lin = nn.Linear(64, 24)
+    layout = 2 if kind == "int8-packed" else 1
     base = (
-        Int8Linear.from_linear(lin, group_size=32, dtype=torch.float32) if kind == "int8" else lin
+        Int8Linear.from_linear(lin, group_size=32, dtype=torch.float32, layout=layout)
+        if kind.startswith("int8")
+        else lin
     )
     adapters = []
     for r in (2, 4, 3):

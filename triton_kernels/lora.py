@@ -12,6 +12,11 @@ The base W is the dense weight (x's dtype) or int8 ``q`` with scales per output 
 per group of G inputs, dequantized in registers by `_dequant` — the one place this module turns
 int8 into the activation dtype (``(q.float() · s).to(dtype)``, the rounding of
 `lrkernels.triton_kernels.int8`), so a new weight layout changes `_load_weight_tile` only.
+The int8 ``q`` comes in either layout of `lrkernels.quant`: plain ``(N, K)`` (any strides) or
+packed (layout 2, 3-D, contiguous; PACKED), whose tiles `_load_weight_tile` reads with the int8
+family's `load_packed_tile` (contiguous runs of 512-byte units, put into (k, n) order in
+registers). Packed tiles need the N-block to be a multiple of 32 (`choose_config` sees to it)
+and K a multiple of 16 (the packed layout's own condition).
 
 Fusion (the forward, one launch when SPLIT == 1):
 
@@ -74,6 +79,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launchable
+from .int8 import load_packed_tile
 
 __all__ = [
     "choose_config",
@@ -141,7 +147,10 @@ def _load_weight_tile(
     n_mask,
     offs_k,
     k_mask,
+    n0,
     k0,
+    NB,
+    KB,
     stride_wn,
     stride_wk,
     stride_sn,
@@ -150,12 +159,18 @@ def _load_weight_tile(
     GROUP_SIZE: tl.constexpr,
     SCALE_PER_TILE: tl.constexpr,
     TRANSPOSED: tl.constexpr,
+    PACKED: tl.constexpr,
+    TILE_N: tl.constexpr,
+    TILE_K: tl.constexpr,
     DTYPE: tl.constexpr,
 ):
     """The base weight's tile in DTYPE: W[offs_n, offs_k]ᵀ (len(k), len(n)) when TRANSPOSED
     (the forward's operand), else W[offs_n, offs_k] (len(n), len(k)) (the input gradient's).
+    offs_n = n0 + arange(TILE_N), offs_k = k0 + arange(TILE_K).
     int8: per-channel scales s[n]; with groups, s[n, k0 // G] for the whole tile when
-    SCALE_PER_TILE (the tile lies in one group), else gathered per element."""
+    SCALE_PER_TILE (the tile lies in one group), else gathered per element. PACKED: q is the
+    packed layout 2 (NB x KB units of 32 x 16), read by `load_packed_tile` (n0 a multiple of
+    32, k0 of 16, TILE_N of 32, TILE_K of 16; out-of-range rows and columns load as 0)."""
     if TRANSPOSED:
         ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
         mask = k_mask[:, None] & n_mask[None, :]
@@ -163,7 +178,13 @@ def _load_weight_tile(
         ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
         mask = n_mask[:, None] & k_mask[None, :]
     if IS_INT8:
-        q = tl.load(ptrs, mask=mask, other=0)
+        if PACKED:
+            if TRANSPOSED:  # (k, n): load_packed_tile's plain orientation
+                q = load_packed_tile(w_ptr, n0, k0, NB, KB, TILE_N, TILE_K, False)
+            else:
+                q = load_packed_tile(w_ptr, n0, k0, NB, KB, TILE_N, TILE_K, True)
+        else:
+            q = tl.load(ptrs, mask=mask, other=0)
         if GROUP_SIZE == 0:
             s = tl.load(s_ptr + offs_n * stride_sn, mask=n_mask, other=0.0)
         elif SCALE_PER_TILE:
@@ -258,6 +279,8 @@ def _lora_fwd_kernel(
     k_per_split,
     scale,
     threshold,
+    NB,
+    KB,
     stride_xm,
     stride_xk,
     stride_wn,
@@ -277,6 +300,7 @@ def _lora_fwd_kernel(
     stride_tr,
     IS_INT8: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
+    PACKED: tl.constexpr,
     DROPOUT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
@@ -302,6 +326,9 @@ def _lora_fwd_kernel(
         offs_n = offs_n.to(tl.int64)
         offs_k0 = offs_k0.to(tl.int64)
         pid_s = pid_s.to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    if INDEX_64:
+        n0 = n0.to(tl.int64)
     m_mask = offs_m < M
     n_mask = offs_n < N
     r_mask = offs_r < R
@@ -320,8 +347,9 @@ def _lora_fwd_kernel(
             other=0.0,
         )
         w_tile = _load_weight_tile(
-            w_ptr, s_ptr, offs_n, n_mask, offs_k, k_mask, k0, stride_wn, stride_wk,
-            stride_sn, stride_sg, IS_INT8, GROUP_SIZE, True, True, dtype,
+            w_ptr, s_ptr, offs_n, n_mask, offs_k, k_mask, n0, k0, NB, KB, stride_wn, stride_wk,
+            stride_sn, stride_sg, IS_INT8, GROUP_SIZE, True, True, PACKED, BLOCK_N, BLOCK_K,
+            dtype,
         )  # fmt: skip
         acc = _dot(x_tile, w_tile, acc, IEEE_FP32)
         a_tile = tl.load(
@@ -444,6 +472,8 @@ def _lora_grad_input_kernel(
     R,
     n_per_split,
     threshold,
+    NB,
+    KB,
     stride_dym,
     stride_dyn,
     stride_wn,
@@ -460,6 +490,7 @@ def _lora_grad_input_kernel(
     IS_INT8: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     SCALE_PER_TILE: tl.constexpr,
+    PACKED: tl.constexpr,
     DROPOUT: tl.constexpr,
     SPLIT: tl.constexpr,
     IEEE_FP32: tl.constexpr,
@@ -498,8 +529,9 @@ def _lora_grad_input_kernel(
             other=0.0,
         )
         w_tile = _load_weight_tile(
-            w_ptr, s_ptr, offs_n, n_mask, offs_k, k_mask, pid_k * BLOCK_K, stride_wn, stride_wk,
-            stride_sn, stride_sg, IS_INT8, GROUP_SIZE, SCALE_PER_TILE, False, dtype,
+            w_ptr, s_ptr, offs_n, n_mask, offs_k, k_mask, n0, pid_k * BLOCK_K, NB, KB,
+            stride_wn, stride_wk, stride_sn, stride_sg, IS_INT8, GROUP_SIZE, SCALE_PER_TILE,
+            False, PACKED, BLOCK_N, BLOCK_K, dtype,
         )  # fmt: skip
         acc = _dot(dy_tile, w_tile, acc, IEEE_FP32)
     if SPLIT == 1:
@@ -638,7 +670,7 @@ def _lora_grad_A_kernel(
 
 
 @triton.jit
-def _sum_splits_kernel(
+def _lora_sum_splits_kernel(
     ws_ptr,
     out_ptr,
     R,
@@ -758,6 +790,8 @@ def _lora_multi_fwd_kernel(
     K,
     R_MAX,
     N_ADAPTERS,
+    NB,
+    KB,
     stride_xm,
     stride_xk,
     stride_wn,
@@ -775,6 +809,7 @@ def _lora_multi_fwd_kernel(
     stride_yn,
     IS_INT8: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
+    PACKED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     IEEE_FP32: tl.constexpr,
     INDEX_64: tl.constexpr,
@@ -795,6 +830,9 @@ def _lora_multi_fwd_kernel(
         offs_m = offs_m.to(tl.int64)
         offs_n = offs_n.to(tl.int64)
         offs_k0 = offs_k0.to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    if INDEX_64:
+        n0 = n0.to(tl.int64)
     m_mask = offs_m < M
     n_mask = offs_n < N
     dtype = x_ptr.dtype.element_ty
@@ -808,8 +846,9 @@ def _lora_multi_fwd_kernel(
             other=0.0,
         )
         w_tile = _load_weight_tile(
-            w_ptr, s_ptr, offs_n, n_mask, offs_k, k_mask, k0, stride_wn, stride_wk,
-            stride_sn, stride_sg, IS_INT8, GROUP_SIZE, True, True, dtype,
+            w_ptr, s_ptr, offs_n, n_mask, offs_k, k_mask, n0, k0, NB, KB, stride_wn, stride_wk,
+            stride_sn, stride_sg, IS_INT8, GROUP_SIZE, True, True, PACKED, BLOCK_N, BLOCK_K,
+            dtype,
         )  # fmt: skip
         acc = _dot(x_tile, w_tile, acc, IEEE_FP32)
 
@@ -860,7 +899,7 @@ def _pow2_divisor_at_most(g: int, cap: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)
-def _choose_config_cached(M, N, K, R, group_size, dtype, num_sms, transposed, is_int8):
+def _choose_config_cached(M, N, K, R, group_size, dtype, num_sms, transposed, is_int8, packed):
     esize = 4 if dtype == torch.float32 else 2
     cols, red = (K, N) if transposed else (N, K)
     small_m = M <= 16
@@ -875,6 +914,11 @@ def _choose_config_cached(M, N, K, R, group_size, dtype, num_sms, transposed, is
         block_r_red = _pow2_divisor_at_most(group_size, block_r_red)
     elif group_size and transposed and group_size >= 64:
         block_c = min(block_c, _pow2_divisor_at_most(group_size, block_c))
+    if packed:  # load_packed_tile reads whole 32-row units: the N-block is a multiple of 32
+        if transposed:
+            block_r_red = max(block_r_red, 32)
+        else:
+            block_c = max(block_c, 32)
     block_rank = max(16, _next_pow2(R))
     m_tiles = _cdiv(max(M, 1), block_m)
     tiles = m_tiles * _cdiv(cols, block_c)
@@ -902,16 +946,19 @@ def _choose_config_cached(M, N, K, R, group_size, dtype, num_sms, transposed, is
     )
 
 
-def choose_config(M, N, K, R, group_size, dtype, num_sms, transposed=False, is_int8=False) -> dict:
+def choose_config(
+    M, N, K, R, group_size, dtype, num_sms, transposed=False, is_int8=False, packed=False
+) -> dict:
     """Launch configuration (plain heuristic, as `lrkernels.triton_kernels.int8`'s): tiles of
     (BLOCK_M rows, BLOCK_N output columns / reduction step, BLOCK_K reduction step / dx
     columns), BLOCK_R = the rank padded to a power of two >= 16, and SPLIT of the reduction
     when the output tiles cannot fill two waves of the GPU. ``transposed`` picks the input
-    gradient's orientation (reduction over N). num_sms = 1 (the interpreter) never splits."""
+    gradient's orientation (reduction over N); ``packed`` (a layout-2 int8 base) makes BLOCK_N
+    at least 32. num_sms = 1 (the interpreter) never splits."""
     if dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"lora_linear (triton): unsupported dtype {dtype}")
     key = (int(M), int(N), int(K), int(R), int(group_size), dtype, max(1, int(num_sms)))
-    return dict(_choose_config_cached(*key, bool(transposed), bool(is_int8)))
+    return dict(_choose_config_cached(*key, bool(transposed), bool(is_int8), bool(packed)))
 
 
 @functools.cache
@@ -937,10 +984,32 @@ def _scale_strides(scales):
     return scales.stride(0), (scales.stride(1) if scales.dim() == 2 else 0)
 
 
-def _group(weight, scales) -> int:
+def _group(K: int, scales) -> int:
     if scales is None or scales.dim() == 1:
         return 0
-    return weight.shape[1] // scales.shape[1]
+    return K // scales.shape[1]
+
+
+def _is_packed(weight, scales) -> bool:
+    """An int8 base in the packed layout 2 (3-D; `lrkernels.quant`)."""
+    return scales is not None and weight.dim() == 3
+
+
+def _packed_args(weight, scales, N: int, K: int) -> tuple[int, int, int, int]:
+    """(NB, KB, stride_wn, stride_wk) of the kernels: the packed unit grid (zeros for a plain
+    weight) and the plain weight's strides (unused when packed)."""
+    if _is_packed(weight, scales):
+        if (
+            not weight.is_contiguous()
+            or weight.shape[0] != _cdiv(N, 32)
+            or 16 * weight.shape[1] != K
+        ):
+            raise ValueError(
+                f"lora_linear (triton): a packed int8 base must be contiguous with shape "
+                f"({_cdiv(N, 32)}, {K // 16}, 512), got {tuple(weight.shape)}"
+            )
+        return weight.shape[0], weight.shape[1], 0, 0
+    return 0, 0, weight.stride(0), weight.stride(1)
 
 
 def _check_rank(R: int) -> None:
@@ -953,18 +1022,20 @@ def launch_lora_linear(
 ):
     """y (M, N) = x2d · Wᵀ + scale · round(t) · Bᵀ + bias and t (M, R) = (keep ⊙ x2d) · Aᵀ
     (rounded to x's dtype). weight (N, K) dense in x's dtype or int8 with scales (N,) /
-    (N, K / G); A (R, K); B (N, R); seed a one-element int64 tensor (read when threshold > 0).
-    Any strides; y and t preallocated."""
+    (N, K / G), or packed int8 (layout 2, contiguous); A (R, K); B (N, R); seed a one-element
+    int64 tensor (read when threshold > 0). Any strides; y and t preallocated."""
     M, K = x2d.shape
-    N, R = weight.shape[0], A.shape[0]
+    N, R = y.shape[1], A.shape[0]
     _check_rank(R)
     if M == 0:
         return
-    group = _group(weight, scales)
+    group = _group(K, scales)
+    packed = _is_packed(weight, scales)
+    nb, kb, swn, swk = _packed_args(weight, scales, N, K)
     if config is None:
         config = choose_config(
             M, N, K, R, group, x2d.dtype, _num_sms(x2d.device.type, x2d.device.index),
-            is_int8=scales is not None,
+            is_int8=scales is not None, packed=packed,
         )  # fmt: skip
     bm, bn, bk, br = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["BLOCK_R"]
     if group and group % bk:
@@ -990,11 +1061,11 @@ def launch_lora_linear(
     launchable(_lora_fwd_kernel)[(_cdiv(M, bm), _cdiv(N, bn), split)](
         x2d, weight, dummy if scales is None else scales, A, B,
         dummy if bias is None else bias, dummy if seed is None else seed, dest_y, dest_t,
-        M, N, K, R, k_per_split, float(scale), int(threshold),
-        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), ssn, ssg,
+        M, N, K, R, k_per_split, float(scale), int(threshold), nb, kb,
+        x2d.stride(0), x2d.stride(1), swn, swk, ssn, ssg,
         A.stride(0), A.stride(1), B.stride(0), B.stride(1),
         0 if bias is None else bias.stride(0), *ys, *ts,
-        IS_INT8=scales is not None, GROUP_SIZE=group, DROPOUT=threshold > 0,
+        IS_INT8=scales is not None, GROUP_SIZE=group, PACKED=packed, DROPOUT=threshold > 0,
         HAS_BIAS=bias is not None, SPLIT=split, IEEE_FP32=ieee, INDEX_64=index_64,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
@@ -1014,15 +1085,17 @@ def launch_lora_grad_input(dy2d, weight, scales, dt, A, threshold, seed, out, *,
     """out (M, K) = dy2d (M, N) · W + keep ⊙ (dt (M, R) · A (R, K)); keep regenerated from
     the seed (threshold > 0). Any strides; out preallocated."""
     M, N = dy2d.shape
-    K, R = weight.shape[1], A.shape[0]
+    K, R = out.shape[1], A.shape[0]
     _check_rank(R)
     if M == 0:
         return
-    group = _group(weight, scales)
+    group = _group(K, scales)
+    packed = _is_packed(weight, scales)
+    nb, kb, swn, swk = _packed_args(weight, scales, N, K)
     if config is None:
         config = choose_config(
             M, N, K, R, group, dy2d.dtype, _num_sms(dy2d.device.type, dy2d.device.index), True,
-            is_int8=scales is not None,
+            is_int8=scales is not None, packed=packed,
         )  # fmt: skip
     bm, bn, bk, br = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["BLOCK_R"]
     steps = _cdiv(N, bn)
@@ -1043,11 +1116,12 @@ def launch_lora_grad_input(dy2d, weight, scales, dt, A, threshold, seed, out, *,
     seed_arg = dummy if seed is None else seed
     launchable(_lora_grad_input_kernel)[(_cdiv(M, bm), _cdiv(K, bk), split)](
         dy2d, weight, dummy if scales is None else scales, dt, A, seed_arg, dest,
-        M, N, K, R, n_per_split, int(threshold),
-        dy2d.stride(0), dy2d.stride(1), weight.stride(0), weight.stride(1), ssn, ssg,
+        M, N, K, R, n_per_split, int(threshold), nb, kb,
+        dy2d.stride(0), dy2d.stride(1), swn, swk, ssn, ssg,
         dt.stride(0), dt.stride(1), A.stride(0), A.stride(1), *ds,
         IS_INT8=scales is not None, GROUP_SIZE=group,
-        SCALE_PER_TILE=group > 0 and group % bk == 0, DROPOUT=threshold > 0, SPLIT=split,
+        SCALE_PER_TILE=group > 0 and group % bk == 0, PACKED=packed, DROPOUT=threshold > 0,
+        SPLIT=split,
         IEEE_FP32=ieee, INDEX_64=index_64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )  # fmt: skip
@@ -1086,7 +1160,7 @@ def launch_lora_grad_A(dt, x2d, threshold, seed, out, *, split=None):
         DROPOUT=threshold > 0, IEEE_FP32=esize == 4, INDEX_64=index_64,
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=br, num_warps=4,
     )  # fmt: skip
-    launchable(_sum_splits_kernel)[(k_tiles,)](
+    launchable(_lora_sum_splits_kernel)[(k_tiles,)](
         ws, out, R, K, split, *ws.stride(), out.stride(0), out.stride(1),
         BLOCK_R=br, BLOCK_K=bk, num_warps=4,
     )  # fmt: skip
@@ -1096,15 +1170,17 @@ def launch_lora_linear_multi(x2d, weight, scales, A, B, idx, ranks, adapter_scal
     """y (M, N) = x2d · Wᵀ + s[a] · round(x2d · A[a, :r_a]ᵀ) · B[a, :, :r_a]ᵀ + bias per row,
     a = idx[m] (int32; outside [0, n) = base only); A (n, R_MAX, K), B (n, N, R_MAX)."""
     M, K = x2d.shape
-    N = weight.shape[0]
+    N = y.shape[1]
     n, r_max = A.shape[0], A.shape[1]
     _check_rank(r_max)
     if M == 0:
         return
-    group = _group(weight, scales)
+    group = _group(K, scales)
+    packed = _is_packed(weight, scales)
+    nb, kb, swn, swk = _packed_args(weight, scales, N, K)
     cfg = choose_config(
         M, N, K, r_max, group, x2d.dtype, _num_sms(x2d.device.type, x2d.device.index),
-        is_int8=scales is not None,
+        is_int8=scales is not None, packed=packed,
     )  # fmt: skip
     bm, bn, bk, br = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_R"]
     t = torch.empty((M, r_max), dtype=x2d.dtype, device=x2d.device)
@@ -1119,11 +1195,11 @@ def launch_lora_linear_multi(x2d, weight, scales, A, B, idx, ranks, adapter_scal
     ssn, ssg = _scale_strides(scales)
     launchable(_lora_multi_fwd_kernel)[(_cdiv(M, bm), _cdiv(N, bn))](
         x2d, weight, y if scales is None else scales, t, B, idx, ranks, adapter_scales,
-        y if bias is None else bias, y, M, N, K, r_max, n,
-        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), ssn, ssg,
+        y if bias is None else bias, y, M, N, K, r_max, n, nb, kb,
+        x2d.stride(0), x2d.stride(1), swn, swk, ssn, ssg,
         t.stride(0), t.stride(1), B.stride(0), B.stride(1), B.stride(2), idx.stride(0),
         0 if bias is None else bias.stride(0), y.stride(0), y.stride(1),
-        IS_INT8=scales is not None, GROUP_SIZE=group, HAS_BIAS=bias is not None,
+        IS_INT8=scales is not None, GROUP_SIZE=group, PACKED=packed, HAS_BIAS=bias is not None,
         IEEE_FP32=ieee, INDEX_64=index_64, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip

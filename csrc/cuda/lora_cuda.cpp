@@ -71,23 +71,33 @@ cudaStream_t stream_of(const at::Tensor& t) {
 }
 
 // The int8 ops of the library, through the dispatcher (their CUDA kernels and weight layout
-// stay the int8 family's own).
+// stay the int8 family's own). Their last argument is the CUDA path (lrkernels/ops/int8.py
+// CUDA_PATHS): the layout-1 tensor-core kernel below kInt8DequantMatmulMinRows rows, one
+// dequantize pass + cuBLAS from there on, as lrkernels.ops.int8.cuda_path's default rule.
+constexpr int64_t kInt8PathKernel = 1;
+constexpr int64_t kInt8PathDequantMatmul = 2;
+constexpr int64_t kInt8DequantMatmulMinRows = 512;  // ops/int8.py DEQUANT_MATMUL_MIN_ROWS
+
+int64_t int8_path(int64_t rows) {
+  return rows >= kInt8DequantMatmulMinRows ? kInt8PathDequantMatmul : kInt8PathKernel;
+}
+
 at::Tensor int8_linear_op(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s,
                           const std::optional<at::Tensor>& bias) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("lrkernels::int8_linear", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const std::optional<at::Tensor>&)>();
-  return op.call(x, q, s, bias);
+                            const std::optional<at::Tensor>&, int64_t)>();
+  return op.call(x, q, s, bias, int8_path(x.numel() / x.size(-1)));
 }
 
 at::Tensor int8_grad_input_op(const at::Tensor& dy, const at::Tensor& q, const at::Tensor& s) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("lrkernels::int8_linear_grad_input", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
-  return op.call(dy, q, s);
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(dy, q, s, int8_path(dy.numel() / dy.size(-1)));
 }
 
 // y2d (M, N) = x2d · Wᵀ + bias, W dense or int8.

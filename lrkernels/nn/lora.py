@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..quant import quantize
+from ..quant import PACKED_LAYOUT_VERSION, layout_of, pack, quantize, unpack
 from ._walk import NameFilter, index_linears, name_predicate
 from .int8 import Int8Linear
 
@@ -195,8 +195,9 @@ class LoRALinear(nn.Module):
 
         Dense base: ``W += s · B · A`` (computed in float32, rounded once to W's dtype).
         int8 base: merging means **re-quantizing** ``dequant(q, s) + s · B · A`` with the same
-        group size (the merged layer carries int8 rounding error on top of the adapter); the
-        original qweight and scales are kept so that `unmerge` restores them exactly.
+        group size (the merged layer carries int8 rounding error on top of the adapter), stored
+        in the base's layout (plain or packed); the original qweight and scales are kept so that
+        `unmerge` restores them exactly.
         """
         if self.merged:
             warnings.warn("LoRALinear.merge: already merged", stacklevel=2)
@@ -209,6 +210,8 @@ class LoRALinear(nn.Module):
             self._unmerged_int8 = (base.qweight.clone(), base.scales.clone())
             w = dequantize(base.qweight, base.scales, dtype=delta.dtype) + delta
             q, s = quantize(w, base.group_size or None, scale_dtype=base.scales.dtype)
+            if base.layout == PACKED_LAYOUT_VERSION:
+                q, s = pack(q, s)
             base.qweight.copy_(q)
             base.scales.copy_(s)
         else:
@@ -225,6 +228,8 @@ class LoRALinear(nn.Module):
             return
         if isinstance(self.base, Int8Linear):
             q, s = self._unmerged_int8
+            if layout_of(q) != self.base.layout:  # the base was packed / unpacked meanwhile
+                q, s = (pack if self.base.layout == PACKED_LAYOUT_VERSION else unpack)(q, s)
             self.base.qweight.copy_(q)
             self.base.scales.copy_(s)
             self._unmerged_int8 = None

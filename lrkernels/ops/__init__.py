@@ -15,7 +15,7 @@ def register_triton_ops() -> None:
     """Registers every ``lrkernels::*_triton`` op now. They are otherwise registered on first
     use of the triton backend, so that ``import lrkernels`` does not import triton (and
     torch._inductor); call this before using ``torch.ops.lrkernels.*_triton`` directly."""
-    from . import attention, int8, lowrank
+    from . import attention, int8, lora, lowrank
 
-    for family in (lowrank, int8, attention):
+    for family in (lowrank, int8, attention, lora):
         family._ensure_triton_ops()

@@ -8,7 +8,19 @@ scales, dequantized on chip as `lrkernels.int8_linear` does). Ops, one per compi
   ``lrkernels::lora_linear_grad_input``, ``lrkernels::lora_linear_grad_A`` and
   ``lrkernels::lora_linear_multi`` — C++ schemas with CPU and CUDA kernels;
 - ``lrkernels::lora_linear_triton`` and friends — `torch.library.triton_op`s around
-  `lrkernels.triton_kernels.lora`.
+  `lrkernels.triton_kernels.lora`, registered on first use of the triton backend.
+
+The int8 base comes in either layout of `lrkernels.quant`: plain ``(out, in)`` (layout 1) or
+packed (layout 2, 3-D; what `Int8Linear` holds on CUDA). The torch backend dequantizes either;
+the triton kernels read packed tiles in place (`load_packed_tile`); the C++ cpu kernels read
+layout 1, so a packed base is unpacked per call there (a copy of the int8 weight: the cpu backend
+is the reference implementation, not a fast path); the cuda LoRA kernels read layout 1 only and
+decline a packed base (auto takes the next backend; ``backend="cuda"`` raises saying so).
+
+Auto selection (``backend=None``): `lrkernels.dispatch` keys on rows, in / out features, rank,
+base kind (dense / int8), inference or training and dropout (``_dispatch_features``); where the
+measured table has no row, `_dispatch_rule` decides; ``lrkernels.explain("lora_linear", ...)``
+says which backend runs and why.
 
 Dropout is a counter-based hash of (seed, row, column) (`lrkernels.reference`,
 ``csrc/cuda/lora_dropout.h``) that every backend computes bit-identically: the mask is never
@@ -27,12 +39,14 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .. import _ext, backends
+from .. import _ext, backends, dispatch
+from ..quant import unpack
 from ..reference import (
     lora_dropout_keep_mask,
     lora_dropout_threshold,
@@ -40,7 +54,8 @@ from ..reference import (
     lora_linear_multi_reference,
     lora_linear_reference,
 )
-from .int8 import group_size_from_scales
+from . import compile_time_constant
+from .int8 import group_size_from_scales, is_packed, weight_shape
 
 _OP = "lora_linear"
 _OP_MULTI = "lora_linear_multi"
@@ -58,7 +73,8 @@ Base = Tensor | Sequence
 def split_base(base: Base, op: str = _OP) -> tuple[Tensor, Tensor | None]:
     """``(weight, weight_scales)`` of a base: a dense Tensor ``(out, in)`` gives (it, None); an
     int8 base ``(qweight, scales)`` or ``(qweight, scales, group_size)`` gives (qweight,
-    scales) after checking the group size against the scales."""
+    scales) after checking the pair (either layout of `lrkernels.quant`) and the group size
+    against the scales."""
     if isinstance(base, Tensor):
         return base, None
     if isinstance(base, Sequence) and len(base) in (2, 3):
@@ -68,12 +84,13 @@ def split_base(base: Base, op: str = _OP) -> tuple[Tensor, Tensor | None]:
                 raise TypeError(f"{op}: base {name} must be a torch.Tensor, got {type(t).__name__}")
         if qweight.dtype != torch.int8:
             raise TypeError(f"{op}: an int8 base's qweight must be int8, got {qweight.dtype}")
-        if qweight.dim() != 2:
+        if qweight.dim() not in (2, 3):
             raise ValueError(
-                f"{op}: qweight must be 2-D (out_features, in_features), got shape "
+                f"{op}: qweight must be 2-D (out_features, in_features) or packed (layout 2: "
+                f"(ceil(out_features / 32), in_features / 16, 512)), got shape "
                 f"{tuple(qweight.shape)}"
             )
-        group = group_size_from_scales(qweight, scales)
+        group = group_size_from_scales(qweight, scales)  # either layout; N from the scales
         if len(base) == 3 and base[2] is not None and int(base[2] or 0) != group:
             raise ValueError(
                 f"{op}: group_size={base[2]} does not match scales of shape "
@@ -112,18 +129,38 @@ def _check_base(op: str, x, weight: Tensor, weight_scales: Tensor | None) -> tup
             raise ValueError(
                 f"{op}: qweight must be on x's device ({x.device}), got {weight.device}"
             )
-    if weight.dim() != 2 or weight.shape[0] < 1 or weight.shape[1] < 1:
+    if weight_scales is None and weight.dim() != 2:
         raise ValueError(
-            f"{op}: the base weight must be 2-D (out_features, in_features) with both >= 1, got "
+            f"{op}: the base weight must be 2-D (out_features, in_features), got shape "
+            f"{tuple(weight.shape)}"
+        )
+    out_f, in_f = base_shape(weight, weight_scales)
+    if out_f < 1 or in_f < 1:
+        raise ValueError(
+            f"{op}: the base weight must have out_features >= 1 and in_features >= 1, got "
             f"shape {tuple(weight.shape)}"
         )
-    out_f, in_f = weight.shape
     if x.shape[-1] != in_f:
         raise ValueError(
             f"{op}: x's last dimension must be {in_f} to match the base weight of shape "
-            f"{tuple(weight.shape)}, got {tuple(x.shape)}"
+            f"{tuple(weight.shape)} ({out_f} x {in_f}), got {tuple(x.shape)}"
         )
     return out_f, in_f
+
+
+def base_shape(weight: Tensor, weight_scales: Tensor | None) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a (checked) base: a dense weight, or an int8 one in
+    either layout (a packed qweight takes out_features from its scales)."""
+    if weight_scales is None:
+        return weight.shape[0], weight.shape[1]
+    return weight_shape(weight, weight_scales)
+
+
+def _layout1(weight: Tensor, weight_scales: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The base as the C++ kernels read it: a packed int8 qweight unpacked to (out, in)."""
+    if weight_scales is not None and is_packed(weight):
+        return unpack(weight, weight_scales)
+    return weight, weight_scales
 
 
 def check_lora_linear_args(
@@ -218,17 +255,20 @@ def lora_linear(
             seed = dropout_seed.reshape(1).to(device=x.device, dtype=torch.int64)
         else:
             seed = torch.tensor([int(dropout_seed)], dtype=torch.int64, device=x.device)
-    chosen = backends.select_backend(_OP, backend, x, weight, weight_scales, A, B, bias)
+    chosen = backends.select_backend(
+        _OP, backend, x, weight, weight_scales, A, B, bias, dropout=threshold > 0
+    )
     if chosen == "torch":
         # The base is frozen on every backend: no gradient reaches it through the reference.
         ws = None if weight_scales is None else weight_scales.detach()
         return lora_linear_reference(x, weight.detach(), ws, A, B, bias, eff_scale, threshold, seed)
-    op = torch.ops.lrkernels.lora_linear_triton if chosen == "triton" else _cpp_forward()
+    if chosen == "triton":
+        _ensure_triton_ops()
+        op = torch.ops.lrkernels.lora_linear_triton
+    else:  # cuda (layout 1: `_reasons` declines a packed base) or cpu
+        weight, weight_scales = _layout1(weight, weight_scales)
+        op = torch.ops.lrkernels.lora_linear
     return op(x, weight, weight_scales, A, B, bias, eff_scale, threshold, seed)[0]
-
-
-def _cpp_forward():
-    return torch.ops.lrkernels.lora_linear
 
 
 def check_lora_linear_multi_args(
@@ -350,8 +390,10 @@ def lora_linear_multi(
             x, weight, weight_scales, A, B, adapter_index, ranks, scales, bias
         )
     if chosen == "triton":
+        _ensure_triton_ops()
         op = torch.ops.lrkernels.lora_linear_multi_triton
     else:
+        weight, weight_scales = _layout1(weight, weight_scales)
         op = torch.ops.lrkernels.lora_linear_multi
     return op(x, weight, weight_scales, A, B, adapter_index, ranks, scales, bias)
 
@@ -371,34 +413,168 @@ def _rank_reasons(backend: str, rank: int) -> list[str]:
     return []
 
 
-def _shape_class_reasons(backend: str, x: Tensor, explicit: bool) -> list[str]:
-    """Auto selection's preference until the dispatch table measures it: above the GEMV's 16
-    rows the CUDA backend is cuBLAS plus extra passes over y (see csrc/cuda/lora_cuda.cpp), the
-    Triton kernel is the fused single pass, so auto leaves those shapes to Triton."""
-    if (
-        backend == "cuda"
-        and not explicit
-        and _rows(x) > _CUDA_GEMV_MAX_ROWS
-        and backends.available_backends()["triton"] is None
-    ):
-        return ["auto prefers the fused Triton GEMM above 16 rows"]
+def _layout_reasons(backend: str, weight, weight_scales) -> list[str]:
+    """The cuda LoRA kernels (csrc/cuda/lora_gemv.cu and the int8 ops they call) read an int8
+    base in layout 1; unpacking a packed one per call would cost a pass over the weight, more
+    than the kernel's own read at decode, so the cuda backend declines it."""
+    if backend == "cuda" and weight_scales is not None and is_packed(weight):
+        return [
+            "the cuda LoRA kernels read an int8 base in layout 1 (plain (out, in) qweight), "
+            "this one is packed (layout 2): use the triton backend, or unpack the base "
+            "(lrkernels.quant.unpack, Int8Linear.unpack)"
+        ]
     return []
 
 
-def _reasons(backend: str, x: Tensor, weight, weight_scales, A, *rest, explicit: bool) -> list[str]:
+def _reasons(
+    backend: str, x: Tensor, weight, weight_scales, A, *rest, explicit: bool, dropout=False
+) -> list[str]:
+    """Why `backend` cannot take these (already validated) inputs; [] when it can. Whether it
+    *should* is auto selection's (`_dispatch_rule` / the measured table), not a reason here."""
     reasons = backends.device_and_dtype_reasons(backend, x, explicit=explicit)
-    reasons += _rank_reasons(backend, A.shape[0]) + _shape_class_reasons(backend, x, explicit)
+    reasons += _rank_reasons(backend, A.shape[0]) + _layout_reasons(backend, weight, weight_scales)
     return reasons + backends.kernel_reasons(backend, _CPP_OPS)
 
 
 def _reasons_multi(backend: str, x: Tensor, weight, weight_scales, A, *rest, explicit: bool):
     reasons = backends.device_and_dtype_reasons(backend, x, explicit=explicit)
-    reasons += _rank_reasons(backend, A.shape[1]) + _shape_class_reasons(backend, x, explicit)
+    reasons += _rank_reasons(backend, A.shape[1]) + _layout_reasons(backend, weight, weight_scales)
     return reasons + backends.kernel_reasons(backend, (_OP_MULTI,))
 
 
 backends.register_reasons(_OP, _reasons)
 backends.register_reasons(_OP_MULTI, _reasons_multi)
+
+
+# ----------------------------------------------------------------------------- auto selection
+
+#: Bounds of the adapter-count buckets of lora_linear_multi's shape class.
+ADAPTER_BUCKETS = (1, 8, 64)
+
+
+def _grad_needed(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _dispatch_features(
+    x: Tensor, weight: Tensor, weight_scales, A: Tensor, B: Tensor, bias=None, *, dropout=False
+) -> dict:
+    """What auto selection keys on (lrkernels.dispatch): Python ints and strings from the
+    shapes, dtypes and requires_grad flags only. ``mode``: ``"train"`` when autograd will run
+    the backward (x, A, B or bias requires grad), else ``"infer"``."""
+    out_f, in_f = base_shape(weight, weight_scales)
+    return {
+        "M": dispatch.rows_of(x),
+        "in": in_f,
+        "out": out_f,
+        "rank": A.shape[0],
+        "base": "dense" if weight_scales is None else "int8",
+        "mode": "train" if _grad_needed(x, A, B, bias) else "infer",
+        "dropout": bool(dropout),
+    }
+
+
+def _dispatch_class(f) -> str:
+    """`lrkernels.dispatch.linear_class` (M, in, out, rank buckets), the base kind, inference or
+    training, and whether the LoRA branch has dropout: e.g.
+    ``"M=2-16 in=1025-4096 out=1025-4096 rank=1-32 base=int8 infer"``."""
+    cls = f"{dispatch.linear_class(f)} base={f['base']} {f['mode']}"
+    return cls + (" dropout" if f["dropout"] else "")
+
+
+def _dispatch_rule(device: str, dtype: str, f) -> tuple[tuple[str, ...], str]:
+    """Backends in the order they are expected to win where the measured table has no row (a
+    static estimate, issue 11; the torch path is PEFT's: the base product, drop(x) · Aᵀ, · Bᵀ,
+    scale and add, each a pass over memory, and for an int8 base a dequantized copy of W):
+
+    - GPU, M <= 16: the cuda decode GEMV (the base weight streamed once, the adapter in its
+      epilogue; layout-1 bases up to rank 64), then the fused triton kernel.
+    - GPU, float16/bfloat16, 16 < M <= 1024 (dense base) or <= 256 (int8 base): the fused
+      triton kernel (x and W read once, the adapter in the epilogue). Above that the product is
+      compute-bound, where the triton kernel's un-pipelined K loop (its static report) is not
+      expected to keep up with cuBLAS's wgmma (nor, for int8, with one dequantize + cuBLAS):
+      torch until measured. Above 16 rows the cuda backend is cuBLAS plus extra passes (no
+      better than torch's path): never auto there.
+    - GPU, float32 above 16 rows: torch (the kernels' IEEE float32 dots run on CUDA cores).
+    - CPU: torch (the cpu backend is the C++ reference implementation, not tuned)."""
+    if device != "cuda":
+        return ("torch",), (
+            "on the CPU torch's three matmuls (the cpu backend is the C++ reference "
+            "implementation, not tuned) until a measurement says otherwise"
+        )
+    M = f["M"]
+    if M <= _CUDA_GEMV_MAX_ROWS:
+        return ("cuda", "triton"), (
+            "M <= 16: static estimate (issue 11): the cuda decode GEMV streams the base weight "
+            "once with the adapter in its epilogue; the fused triton kernel next (packed int8 "
+            "bases, ranks 65-128)"
+        )
+    limit = 256 if f["base"] == "int8" else 1024
+    if dtype in ("float16", "bfloat16") and M <= limit:
+        return ("triton",), (
+            f"16 < M <= {limit} ({f['base']} base): static estimate (issue 11): the fused "
+            "triton kernel reads x and the base weight once with the adapter in its epilogue, "
+            "torch's path adds passes over y (and dequantizes an int8 W every call)"
+        )
+    return ("torch",), (
+        f"M > {limit if dtype in ('float16', 'bfloat16') else 16} in {dtype}: compute-bound, "
+        "where the kernels are not expected to beat cuBLAS (the triton K loop is not "
+        "software-pipelined, float32 dots run on CUDA cores): torch's path until measured"
+    )
+
+
+def _dispatch_features_multi(
+    x: Tensor, weight: Tensor, weight_scales, A: Tensor, B: Tensor, *rest
+) -> dict:
+    """Multi-adapter: rows, in, out, r_max, the number of adapter slots and the base kind
+    (an inference op: no mode)."""
+    out_f, in_f = base_shape(weight, weight_scales)
+    return {
+        "M": dispatch.rows_of(x),
+        "in": in_f,
+        "out": out_f,
+        "rank": A.shape[1],
+        "adapters": A.shape[0],
+        "base": "dense" if weight_scales is None else "int8",
+    }
+
+
+def _dispatch_class_multi(f) -> str:
+    adapters = dispatch.bucket(f["adapters"], ADAPTER_BUCKETS)
+    return f"{dispatch.linear_class(f)} adapters={adapters} base={f['base']}"
+
+
+def _dispatch_rule_multi(device: str, dtype: str, f) -> tuple[tuple[str, ...], str]:
+    """The torch path of a multi-adapter batch gathers every row's adapter (M x r_max x
+    (in + out) elements written and read), so on a GPU the kernels are expected to win at every
+    size: the cuda GEMV pair at M <= 16, the triton shrink + fused GEMM above (cuda's cuBLAS +
+    shrink + expand kernels next). CPU: torch until measured."""
+    if device != "cuda":
+        return ("torch",), (
+            "on the CPU torch's path (the cpu backend is the C++ reference implementation) "
+            "until a measurement says otherwise"
+        )
+    if f["M"] <= _CUDA_GEMV_MAX_ROWS:
+        return ("cuda", "triton"), (
+            "M <= 16: static estimate (issue 11): the cuda shrink + GEMV pair (two launches); "
+            "torch's path gathers every row's adapter"
+        )
+    return ("triton", "cuda"), (
+        "M > 16: static estimate (issue 11): the triton shrink + fused GEMM, then the cuda "
+        "backend's cuBLAS + shrink + expand; torch's path gathers every row's adapter "
+        "(M x r_max x (in + out) elements)"
+    )
+
+
+dispatch.register_op(
+    _OP, features=_dispatch_features, shape_class=_dispatch_class, rule=_dispatch_rule
+)
+dispatch.register_op(
+    _OP_MULTI,
+    features=_dispatch_features_multi,
+    shape_class=_dispatch_class_multi,
+    rule=_dispatch_rule_multi,
+)
 
 
 # ----------------------------------------------------------------------------- torch ops
@@ -409,11 +585,12 @@ def _rows(x: Tensor) -> int:
 
 
 def _fake_forward(x, weight, weight_scales, A, B, bias=None, scale=1.0, threshold=0, seed=None):
-    return (x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((_rows(x), A.shape[0])))
+    out_f = base_shape(weight, weight_scales)[0]
+    return (x.new_empty((*x.shape[:-1], out_f)), x.new_empty((_rows(x), A.shape[0])))
 
 
 def _fake_grad_input(dy, weight, weight_scales, dt, A, threshold=0, seed=None):
-    return dy.new_empty((*dy.shape[:-1], weight.shape[1]))
+    return dy.new_empty((*dy.shape[:-1], base_shape(weight, weight_scales)[1]))
 
 
 def _fake_grad_A(dt, x, threshold, seed):
@@ -421,7 +598,7 @@ def _fake_grad_A(dt, x, threshold, seed):
 
 
 def _fake_multi(x, weight, weight_scales, A, B, adapter_index, ranks, adapter_scales, bias=None):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return x.new_empty((*x.shape[:-1], base_shape(weight, weight_scales)[0]))
 
 
 def _grad_A_torch(dt: Tensor, x: Tensor, threshold: int, seed: Tensor) -> Tensor:
@@ -479,7 +656,24 @@ if _ext.has_op(_OP):
         setup_context=_setup_context,
     )
 
-if backends._triton_status() is None:  # registered even without a GPU: the interpreter runs it
+_TRITON_LOCK = threading.Lock()
+_TRITON_OPS_REGISTERED = False
+
+
+@compile_time_constant  # torch.compile runs it eagerly, never traces it
+def _ensure_triton_ops() -> bool:
+    """Registers the ``lrkernels::lora_linear*_triton`` ops on first use of the triton backend:
+    importing triton and defining `torch.library.triton_op`s (which imports torch._inductor)
+    costs about a second, which ``import lrkernels`` must not pay."""
+    global _TRITON_OPS_REGISTERED
+    with _TRITON_LOCK:
+        if not _TRITON_OPS_REGISTERED:
+            _register_triton_ops()
+            _TRITON_OPS_REGISTERED = True
+    return True
+
+
+def _register_triton_ops() -> None:
     from ..triton_kernels.lora import (
         launch_lora_grad_A,
         launch_lora_grad_input,
@@ -505,7 +699,7 @@ if backends._triton_status() is None:  # registered even without a GPU: the inte
         dropout_threshold: int = 0,
         seed: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        n, k = weight.shape
+        n, k = base_shape(weight, weight_scales)
         y = _empty((*x.shape[:-1], n), x)
         t = _empty((_rows(x), A.shape[0]), x)
         if y.numel() > 0:
@@ -525,7 +719,7 @@ if backends._triton_status() is None:  # registered even without a GPU: the inte
         dropout_threshold: int = 0,
         seed: Tensor | None = None,
     ) -> Tensor:
-        n, k = weight.shape
+        n, k = base_shape(weight, weight_scales)
         dx = _empty((*dy.shape[:-1], k), dy)
         if dx.numel() > 0:
             launch_lora_grad_input(
@@ -556,7 +750,7 @@ if backends._triton_status() is None:  # registered even without a GPU: the inte
         adapter_scales: Tensor,
         bias: Tensor | None = None,
     ) -> Tensor:
-        n, k = weight.shape
+        n, k = base_shape(weight, weight_scales)
         y = _empty((*x.shape[:-1], n), x)
         if y.numel() > 0:
             launch_lora_linear_multi(
