@@ -160,7 +160,12 @@ def test_errors_are_clear(tmp_path):
     plan = compression_plan(model)
     with pytest.raises(ValueError, match="newer lrkernels"):
         apply_plan(nn.Sequential(nn.Linear(32, 32)), dict(plan, version=PLAN_VERSION + 1))
-    with pytest.raises(ValueError, match="kind 'lora', which this lrkernels does not know"):
+    with pytest.raises(ValueError, match="kind 'dora', which this lrkernels does not know"):
+        apply_plan(
+            nn.Sequential(nn.Linear(32, 32)),
+            dict(plan, layers={"0": {"kind": "dora", "rank": 8}}),
+        )
+    with pytest.raises(ValueError, match="'lora' entry lacks the field 'in_features'"):
         apply_plan(
             nn.Sequential(nn.Linear(32, 32)),
             dict(plan, layers={"0": {"kind": "lora", "rank": 8}}),
@@ -207,3 +212,34 @@ def test_a_new_kind_plugs_in(tmp_path):
         assert torch.equal(fresh(x), model(x))
     finally:
         lrkernels.nn.checkpoint._KINDS.pop("scaled-test")
+
+
+@pytest.mark.parametrize("int8_base", [False, True])
+def test_lora_model_round_trip(tmp_path, int8_base):
+    """A LoRA model (adapters trained a step, on a dense or an int8 base) reloads into a fresh
+    dense model in one call, dropout and scaling included; a merged layer is refused."""
+    model = Block()
+    if int8_base:
+        quantize_linears(model, include="up|down")
+    lrkernels.nn.add_lora(model, r=4, alpha=8.0, dropout=0.1, target="up|down")
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.add_(0.01 * torch.randn_like(p))  # B starts at zero: make the adapter count
+    plan = compression_plan(model)
+    entry = plan["layers"]["up"]
+    assert entry["kind"] == "lora" and entry["r"] == 4 and entry["alpha"] == 8.0
+    assert entry["base"]["kind"] == ("int8" if int8_base else "dense")
+    path = tmp_path / "lora.safetensors"
+    save_compressed(model, path)
+    fresh = Block(seed=3)
+    load_compressed(fresh, path)
+    assert isinstance(fresh.up, lrkernels.nn.LoRALinear) and fresh.up.dropout == 0.1
+    assert isinstance(fresh.up.base, Int8Linear if int8_base else nn.Linear)
+    if not int8_base:
+        assert not fresh.up.base.weight.requires_grad  # the base stays frozen
+    model.eval(), fresh.eval()
+    ids = torch.randint(0, 40, (2, 7))
+    assert torch.equal(fresh(ids), model(ids))
+    model.up.merge()
+    with pytest.raises(ValueError, match="merged"):
+        compression_plan(model)

@@ -43,6 +43,12 @@ Adding a kind (how LoRA plugs in)
   whose module wraps another (a LoRA adapter on an int8 base) can store the base as a nested
   entry (``"base": {"kind": "int8", ...}``) and build it with `build_layer`.
 
+The ``"lora"`` kind (`LoRALinear`) is registered so: ``{"kind": "lora", "in_features": ...,
+"out_features": ..., "bias": ..., "r": 16, "alpha": 32.0, "rslora": false, "dropout": 0.05,
+"base": {"kind": "dense"} | {"kind": "int8", <int8 fields>}}`` — a LoRA model (its adapters
+trained, on a dense or an int8 base) reloads into a fresh dense model in one call. A merged
+layer is refused (unmerge it, or save `merged_module()`).
+
 `compression_plan` / `apply_plan` are the two halves without files (e.g. to ship the plan
 next to a PEFT adapter, or to build an empty compressed model on the meta device).
 """
@@ -59,6 +65,7 @@ import torch
 from torch import nn
 
 from .int8 import Int8Linear
+from .lora import LoRALinear
 from .lowrank import LowRankLinear
 
 __all__ = [
@@ -179,7 +186,11 @@ def build_layer(module: nn.Module, entry: dict[str, Any], name: str = "layer") -
         return module
     try:
         return spec.build(module, entry)
-    except (TypeError, ValueError, KeyError) as exc:
+    except KeyError as exc:
+        raise ValueError(
+            f"compression plan: layer {name!r}: its {kind!r} entry lacks the field {exc}"
+        ) from None
+    except (TypeError, ValueError) as exc:
         raise type(exc)(f"compression plan: layer {name!r}: {exc}") from None
 
 
@@ -322,7 +333,9 @@ def _describe_int8(module) -> dict[str, Any]:
         "group_size": module.group_size,
         "dtype": _dtype_name(module.dtype),
         "bias": module.bias is not None,
-        "layout": getattr(module, "layout", 1),  # int8 weight layout version (lrkernels.quant)
+        # The layout of the tensors in the file: state_dict always holds the portable layout 1
+        # (an Int8Linear packed for CUDA unpacks on save), whatever the module runs on.
+        "layout": 1,
     }
 
 
@@ -340,5 +353,42 @@ def _build_int8(linear: nn.Module, entry: dict[str, Any]) -> nn.Module:
     return new.train(linear.training)
 
 
+def _describe_lora(module) -> dict[str, Any]:
+    if module.merged:
+        raise ValueError(
+            "a merged LoRALinear holds W + s·B·A in its base: unmerge() it to save base and "
+            "adapter, or save merged_module() instead"
+        )
+    base = module.base
+    return {
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+        "bias": base.bias is not None,
+        "r": module.r,
+        "alpha": module.alpha,
+        "rslora": module.rslora,
+        "dropout": module.dropout,
+        "base": {"kind": "int8", **_describe_int8(base)}
+        if isinstance(base, Int8Linear)
+        else {"kind": "dense"},
+    }
+
+
+def _build_lora(linear: nn.Module, entry: dict[str, Any]) -> nn.Module:
+    """LoRALinear around the fresh model's own nn.Linear (a dense base: the file overwrites its
+    weight) or around the int8 layer its nested entry describes."""
+    _check_linear(linear, entry)
+    base_entry = entry["base"]
+    if base_entry.get("kind") == "dense":
+        base = linear
+    elif base_entry.get("kind") == "int8":
+        base = _build_int8(linear, base_entry)
+    else:
+        raise ValueError(f"a LoRA base must be dense or int8, got {base_entry!r}")
+    new = LoRALinear(base, entry["r"], entry["alpha"], entry["dropout"], entry["rslora"])
+    return new.train(linear.training)
+
+
 register_plan_kind("lowrank", LowRankLinear, _describe_lowrank, _build_lowrank)
 register_plan_kind("int8", Int8Linear, _describe_int8, _build_int8)
+register_plan_kind("lora", LoRALinear, _describe_lora, _build_lora)
