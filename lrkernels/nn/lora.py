@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from ..quant import PACKED_LAYOUT_VERSION, layout_of, pack, quantize, unpack
 from ._walk import NameFilter, index_linears, name_predicate
+from ._weight import DenseWeightMixin
 from .int8 import Int8Linear
 
 __all__ = [
@@ -72,7 +73,7 @@ def lora_scale(r: int, alpha: float, rslora: bool = False) -> float:
     return float(alpha) / (math.sqrt(r) if rslora else r)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(DenseWeightMixin, nn.Module):
     """A frozen ``nn.Linear`` or `Int8Linear` plus a trainable low-rank adapter:
     ``y = base(x) + s · (drop(x) · Aᵀ) · Bᵀ`` with A ``(r, in)``, B ``(out, r)``.
 
@@ -88,6 +89,12 @@ class LoRALinear(nn.Module):
     Parameters ``lora_A`` ``(r, in)`` and ``lora_B`` ``(out, r)`` live in the base's activation
     dtype and device. The full ``state_dict`` holds ``base.*`` and both adapter matrices;
     `lora_state_dict` / `save_peft_adapter` give the adapters alone.
+
+    Like the other converted layers it is a drop-in where code reads ``nn.Linear`` attributes:
+    ``bias`` is the base's, ``weight`` the read-only effective weight ``W + s·B·A``
+    (`lrkernels.nn._weight`: ``F.linear(x, layer.weight, b)`` runs `lora_linear`; other uses
+    see the dense sum, differentiable in A and B), so e.g. ``nn.TransformerEncoderLayer``
+    keeps working with adapted ``linear1`` / ``linear2``.
     """
 
     def __init__(
@@ -166,9 +173,20 @@ class LoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    @property
+    def bias(self) -> Tensor | None:
+        """The base layer's bias (frozen with it)."""
+        return self.base.bias
+
     def forward(self, input: Tensor) -> Tensor:
+        return self._linear_with(input, self.base.bias)
+
+    # --- what `DenseWeightMixin` (the ``weight`` property) needs
+    def _linear_with(self, input: Tensor, bias: Tensor | None) -> Tensor:
         if self.merged:
-            return self.base(input)
+            if isinstance(self.base, Int8Linear):
+                return self.base._linear_with(input, bias)
+            return nn.functional.linear(input, self.base.weight, bias)
         from ..ops.lora import lora_linear
 
         return lora_linear(
@@ -176,11 +194,25 @@ class LoRALinear(nn.Module):
             self.base_spec(),
             self.lora_A,
             self.lora_B,
-            self.base.bias,
+            bias,
             scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
             backend=self.backend,
         )
+
+    def _dense_weight(self) -> Tensor:
+        base = self.base
+        w = base._dense_weight() if isinstance(base, Int8Linear) else base.weight
+        if self.merged:
+            return w
+        return w + (self.scale * (self.lora_B @ self.lora_A)).to(w.dtype)
+
+    def _weight_meta(self) -> tuple[torch.dtype, torch.device, bool]:
+        trains = not self.merged and (self.lora_A.requires_grad or self.lora_B.requires_grad)
+        return self.lora_A.dtype, self.lora_A.device, trains
+
+    def _weight_source(self) -> str:
+        return "base weight and adapter (lora_A, lora_B)"
 
     # ------------------------------------------------------------------ merge
 
@@ -293,9 +325,10 @@ class LoRAReport:
         return "\n".join(lines)
 
 
-def _targets(model: nn.Module) -> tuple[dict[str, nn.Module], dict[int, list], set[int]]:
+def _targets(model: nn.Module) -> tuple[dict[str, nn.Module], dict[int, list], set[int], set[int]]:
     """name -> layer for every nn.Linear (via the shared walk) and Int8Linear of the model
-    (first name of each), every (parent, attr) reference, and the MHA-owned layer ids."""
+    (first name of each), every (parent, attr) reference, the MHA-owned layer ids and the ids
+    of layers whose weight another module shares (tied embeddings)."""
     index = index_linears(model)
     names = {index.first_name[k]: m for k, m in index.linears.items()}
     refs = dict(index.refs)
@@ -310,7 +343,10 @@ def _targets(model: nn.Module) -> tuple[dict[str, nn.Module], dict[int, list], s
             if id(child) not in seen:
                 seen.add(id(child))
                 names[f"{parent_name}.{attr}" if parent_name else attr] = child
-    return names, refs, index.mha_owned
+    tied = {
+        key for key, layer in index.linears.items() if index.owners.get(id(layer.weight), 0) > 1
+    }
+    return names, refs, index.mha_owned, tied
 
 
 def _count(model: nn.Module) -> tuple[int, int]:
@@ -341,11 +377,13 @@ def add_lora(
             only the adapters train (PEFT's default).
         rank_for: optional per-layer rank ``name -> r`` (PEFT's rank_pattern).
 
-    A layer owned by an ``nn.MultiheadAttention`` (which reads ``out_proj.weight`` directly) is
-    skipped and reported. Warns when the target selects nothing.
+    Skipped and reported: a layer owned by an ``nn.MultiheadAttention`` (which reads
+    ``out_proj.weight`` directly), and a layer whose weight another module shares (a head tied
+    to the embedding: `LoRALinear.merge` writes the base weight, which would change the
+    embedding too), as the other converters skip it. Warns when the target selects nothing.
     """
     select = name_predicate(target, "target")
-    names, refs, mha_owned = _targets(model)
+    names, refs, mha_owned, tied = _targets(model)
     report = LoRAReport()
     if freeze_model:
         for p in model.parameters():
@@ -359,6 +397,9 @@ def add_lora(
         report.layers.append(row)
         if id(layer) in mha_owned:
             row.skipped = "owned by nn.MultiheadAttention (uses .weight directly)"
+            continue
+        if id(layer) in tied:
+            row.skipped = "weight tied to another module (merging would change both)"
             continue
         new = LoRALinear(layer, rank, alpha, dropout, rslora, backend=backend)
         row.params = new.lora_A.numel() + new.lora_B.numel()
