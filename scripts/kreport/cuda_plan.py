@@ -111,10 +111,11 @@ def _int8_host(case: Case, paths: list[str] | None = None) -> str:
     return "mma" if rule == "kernel" else "dequant+cuBLAS"
 
 
-# family -> (case, planned paths) -> the path the CUDA op takes for bf16 on an H200; None: the
-# op plans itself (lowrank: path=auto; the forced path whose launches equal it names the row).
+# family -> (case, planned paths) -> the path the CUDA op takes for bf16 on an H200 ("auto": the
+# launch API plans itself, and the forced path whose launches equal it names the row; "torch":
+# none of this family's kernels, every planned path is listed as not taken).
 HOST_PATH = {
-    "lowrank": lambda c, paths: "auto",
+    "lowrank": lambda c, paths: "torch" if c.torch_reason("cuda") else "auto",
     "int8": _int8_host,
     "attention": lambda c, paths: paths[0],
     "lora": lambda c, paths: paths[0],
@@ -207,18 +208,19 @@ def _merge_paths(family: str, case: Case, by_path: dict[str, list[Launch]], host
     """The case's rows: the host path's launches (host_path=True) and every other path whose
     launches differ from them. A self-planning host path ("auto") takes the name of the forced
     path it equals."""
-    host_rows = by_path.get(host, [])
+    ref = host if host in by_path else "auto"  # "torch": dedupe against the kernels' own plan
+    ref_rows = by_path.get(ref, [])
     out = []
     for path, rows in by_path.items():
-        if path == host:
+        if path == ref:
             continue
-        if rows and _signature(rows) == _signature(host_rows):
-            if host == "auto":
-                for r in host_rows:
+        if rows and _signature(rows) == _signature(ref_rows):
+            if ref == "auto":
+                for r in ref_rows:
                     r.path = path
             continue
         out += rows
-    return host_rows + out
+    return ref_rows + out
 
 
 def plan(cases: list[Case]) -> Plan:
@@ -241,6 +243,12 @@ def plan(cases: list[Case]) -> Plan:
             notes.append(f"{family}: an emulation driver exists but no headline cases are defined")
             continue
         fam_cases = [c for c in cases if c.family == family and "cuda" in c.backends]
+        routed = [(c.id, c.torch_reason("cuda")) for c in fam_cases if c.torch_reason("cuda")]
+        if routed:
+            notes.append(
+                f"CUDA {family}: {routed[0][1]} ({len(routed)} headline cases); their rows, "
+                "under paths the op does not take, are the kernels it would launch"
+            )
         binary = build.build(family, "asan")
         binaries[family] = str(binary)
         jobs = [(c, path, line) for c in fam_cases for path, line in DRIVER_CASES[family](c)]

@@ -67,6 +67,24 @@ class Case:
             return f"lora {self.op} {p['N']}x{p['K']} r={p['rank']} {base} M={p['M']}{extra}"
         return f"attn {self.op} {p['pattern']} S={p['S']} D={p['D']} B={p['B']} H={p['H']}"
 
+    def torch_reason(self, backend: str) -> str | None:
+        """Why the op itself runs torch's matmuls instead of `backend`'s kernels at this case
+        (its own crossover rule), or None. The report still plans the kernels it would launch."""
+        if self.family == "lowrank" and self.op == "dx":
+            import torch
+
+            from lrkernels.ops.lowrank import kernel_expected_faster
+
+            p = self.params  # the backward's call: (M, out) -> (M, in) through rank
+            if not kernel_expected_faster(
+                backend, p["M"], p["out"], p["in"], p["rank"], torch.bfloat16
+            ):
+                return (
+                    "the backward's crossover (lrkernels.ops.lowrank.kernel_expected_faster) "
+                    f"gives dx at M={p['M']} to torch's two matmuls"
+                )
+        return None
+
     def cost(self) -> tuple[float, float]:
         """(FLOPs the kernels do, minimum bytes) of the call, from lrkernels.roofline."""
         from lrkernels import roofline

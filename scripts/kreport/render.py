@@ -107,6 +107,7 @@ def _triton_rows(report: dict, family: str) -> list[list[str]]:
             if v is not False and v is not None
         )
         tune = "" if ln.get("autotune_config") is None else f" (autotune #{ln['autotune_config']})"
+        tune += " (not taken)" if _not_taken(ln) else ""
         rows.append(
             [_case_label(ln["case"]) if first else "", f"`{k['kernel']}`{tune}",
              f"{cfg} w{k['num_warps']} s{k['num_stages']}", _grid(ln["grid"]), ln["block"],
@@ -141,6 +142,11 @@ def _other_triton_rows(report: dict, family: str, other: dict) -> list[list[str]
              f"{_occ(a)} → {_occ(b)}"]
         )  # fmt: skip
     return rows
+
+
+def _not_taken(ln: dict) -> bool:
+    """A Triton launch recorded for a case whose op runs torch instead (triton_plan)."""
+    return ln.get("phase", "").endswith("(not taken)")
 
 
 def _span(values) -> str:
@@ -182,7 +188,8 @@ def summary_rows(report: dict) -> list[list[str]]:
     for ln in tri.get("launches", []):
         k = tri["kernels"][ln["compiled"]]
         family = next(f for f, _ in FAMILIES if ln["case"].startswith(_PREFIX.get(f, f) + " "))
-        key = (family, f"Triton {tri.get('triton', '')}", k["kernel"])
+        side = f"Triton {tri.get('triton', '')}" + (" (other path)" if _not_taken(ln) else "")
+        key = (family, side, k["kernel"])
         groups.setdefault(key, []).append((ln, k, k["static_smem"] + k["dynamic_smem"]))
     order = {f: i for i, (f, _) in enumerate(FAMILIES)}
     rows = []
@@ -256,7 +263,7 @@ def markdown(report: dict) -> str:
             problems.append(f"{name} side {part['status']}")
         elif name == "CUDA" and part.get("plan_status") != "ok":
             problems.append(f"CUDA launches {part.get('plan_status')}")
-    out += [""] + [f"- {n}" for n in cuda.get("notes", []) + problems]
+    out += [""] + [f"- {n}" for n in cuda.get("notes", []) + tri.get("notes", []) + problems]
     rows = summary_rows(report)
     if rows:
         out += [

@@ -224,7 +224,12 @@ def _run_case(case: headline.Case, rec: Recorder, ops: OpCalls) -> None:
             q, k, v = (new(*shape, grad=not forward_only) for _ in range(3))
             y = lrkernels.block_sparse_attention(q, k, v, fake_layout, backend="triton")
         del y
-        if not forward_only:
+        if not forward_only and case.torch_reason("triton"):
+            # The op's backward runs torch's matmuls here; record what its kernel would launch
+            # (dx = lowrank(dy, Vᵀ, Uᵀ), the call the backward makes otherwise) as not taken.
+            rec.label = (case.id, f"{case.op} (not taken)")
+            lrkernels.lowrank_linear(new(p["M"], p["out"]), V.t(), U.t(), None, backend="triton")
+        elif not forward_only:
             rec.label = (case.id, case.op)
             ops.backward(ops.calls[-1])
         rec.label = None
@@ -374,6 +379,12 @@ def plan(cases: list[headline.Case]) -> dict:
     if isinstance(avail, dict):
         avail["triton"] = None  # there is a (fake) CUDA device
     errors: list[str] = []
+    routed = [(c.id, c.torch_reason("triton")) for c in cases if "triton" in c.backends
+              and c.op != "fwd" and c.torch_reason("triton")]  # fmt: skip
+    notes = [
+        f"Triton {routed[0][0].split()[0]}: {routed[0][1]} ({len(routed)} headline cases); "
+        "the launches marked (not taken) are what it would launch"
+    ] if routed else []  # fmt: skip
     for case in cases:
         if "triton" not in case.backends:
             continue
@@ -420,6 +431,7 @@ def plan(cases: list[headline.Case]) -> dict:
         "launches": launches,
         "kernels": kernels,
         "errors": errors,
+        "notes": notes,
     }
 
 
