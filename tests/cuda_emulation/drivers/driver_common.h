@@ -152,6 +152,7 @@ class Buffer {
     if (!plan_only()) std::memset(static_cast<void*>(p_), 0xff, n_ * sizeof(T));
   }
   void snapshot() {
+    if (plan_only()) return;  // nothing is compared: the case ends at its Checker
     copy_.assign(reinterpret_cast<const char*>(p_), reinterpret_cast<const char*>(p_ + n_));
   }
   bool unchanged() const {
