@@ -81,21 +81,21 @@ def triton_side(sides) -> dict:
     return _side(sides[1])
 
 
-@pytest.mark.slow  # regenerates the report: ~1-2 min on 2 cores, shared by the module
+@pytest.mark.slow  # regenerates the report once per module: ~1-1.5 min on 2 cores
 def test_cuda_headline_kernels_do_not_spill(cuda_side):
     assert not cuda_side["errors"], "\n".join(cuda_side["errors"])
     bad = kernel_report.spills({"cuda": cuda_side, "triton": {}})
     assert not bad, "spills in CUDA kernels launched by headline shapes:\n" + "\n".join(bad)
 
 
-@pytest.mark.slow  # regenerates the report: ~1-2 min on 2 cores, shared by the module
+@pytest.mark.slow  # regenerates the report once per module: ~1-1.5 min on 2 cores
 def test_triton_headline_kernels_do_not_spill(triton_side):
     assert not triton_side["errors"], "\n".join(triton_side["errors"])
     bad = kernel_report.spills({"cuda": {}, "triton": triton_side})
     assert not bad, "spills in Triton kernels launched by headline shapes:\n" + "\n".join(bad)
 
 
-@pytest.mark.slow  # regenerates the report: ~1-2 min on 2 cores, shared by the module
+@pytest.mark.slow  # regenerates the report once per module: ~1-1.5 min on 2 cores
 def test_every_cuda_headline_case_launches(cuda_side):
     host = collections.Counter(ln["case"] for ln in cuda_side["launches"] if ln["host_path"])
     any_path = collections.Counter(ln["case"] for ln in cuda_side["launches"])
@@ -108,7 +108,7 @@ def test_every_cuda_headline_case_launches(cuda_side):
         assert ln["blocks_per_sm"] >= 1, f"{ln} cannot run on an H200"
 
 
-@pytest.mark.slow  # regenerates the report: ~1-2 min on 2 cores, shared by the module
+@pytest.mark.slow  # regenerates the report once per module: ~1-1.5 min on 2 cores
 def test_every_triton_headline_case_launches(triton_side):
     launched = collections.Counter(ln["case"] for ln in triton_side.get("launches", []))
     missing = [c.id for c in headline.cases() if "triton" in c.backends and not launched[c.id]]
@@ -141,7 +141,7 @@ def _committed() -> dict:
     return json.loads(COMMITTED.read_text())
 
 
-@pytest.mark.slow  # regenerates the report: ~1-2 min on 2 cores, shared by the module
+@pytest.mark.slow  # regenerates the report once per module: ~1-1.5 min on 2 cores
 def test_committed_report_has_the_current_cuda_launches(cuda_side):
     committed = _committed()["cuda"]
     assert _cuda_plan(committed) == _cuda_plan(cuda_side), (
@@ -149,7 +149,7 @@ def test_committed_report_has_the_current_cuda_launches(cuda_side):
     )
 
 
-@pytest.mark.slow  # regenerates the report: ~1-2 min on 2 cores, shared by the module
+@pytest.mark.slow  # regenerates the report once per module: ~1-1.5 min on 2 cores
 def test_committed_report_has_the_current_triton_launches(triton_side):
     committed = _committed()["triton"]
     assert _triton_plan(committed) == _triton_plan(triton_side), (
