@@ -40,7 +40,7 @@ from kreport import cuda_plan, device, headline, render, sass  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results"
 CACHE = REPO / "build" / "kernel_report"
-_CACHE_FORMAT = "2"  # bump when cuda_kernels' output changes
+_CACHE_FORMAT = "3"  # bump when cuda_kernels' output changes
 
 
 def extension_path() -> Path | None:

@@ -81,35 +81,34 @@ def triton_side(sides) -> dict:
     return _side(sides[1])
 
 
-@pytest.mark.slow  # regenerates the report: ~1-2 min on 2 cores, shared by the module
+@pytest.mark.slow  # regenerates the report once per module: ~1-1.5 min on 2 cores
 def test_cuda_headline_kernels_do_not_spill(cuda_side):
     assert not cuda_side["errors"], "\n".join(cuda_side["errors"])
     bad = kernel_report.spills({"cuda": cuda_side, "triton": {}})
     assert not bad, "spills in CUDA kernels launched by headline shapes:\n" + "\n".join(bad)
 
 
-@pytest.mark.slow  # regenerates the report: ~1-2 min on 2 cores, shared by the module
+@pytest.mark.slow  # regenerates the report once per module: ~1-1.5 min on 2 cores
 def test_triton_headline_kernels_do_not_spill(triton_side):
     assert not triton_side["errors"], "\n".join(triton_side["errors"])
     bad = kernel_report.spills({"cuda": {}, "triton": triton_side})
     assert not bad, "spills in Triton kernels launched by headline shapes:\n" + "\n".join(bad)
 
 
-@pytest.mark.slow  # regenerates the report: ~1-2 min on 2 cores, shared by the module
+@pytest.mark.slow  # regenerates the report once per module: ~1-1.5 min on 2 cores
 def test_every_cuda_headline_case_launches(cuda_side):
     host = collections.Counter(ln["case"] for ln in cuda_side["launches"] if ln["host_path"])
+    any_path = collections.Counter(ln["case"] for ln in cuda_side["launches"])
     planned = {ln["family"] for ln in cuda_side["launches"]}
-    missing = [
-        c.id
-        for c in headline.cases()
-        if "cuda" in c.backends and c.family in planned and not host[c.id]
-    ]
+    cases = [c for c in headline.cases() if "cuda" in c.backends and c.family in planned]
+    # where the op itself runs torch's matmuls (its crossover), the kernels it would launch
+    missing = [c.id for c in cases if not (any_path if c.torch_reason("cuda") else host)[c.id]]
     assert not missing, f"CUDA cases without a launch on the host path: {missing}"
     for ln in cuda_side["launches"]:
         assert ln["blocks_per_sm"] >= 1, f"{ln} cannot run on an H200"
 
 
-@pytest.mark.slow  # regenerates the report: ~1-2 min on 2 cores, shared by the module
+@pytest.mark.slow  # regenerates the report once per module: ~1-1.5 min on 2 cores
 def test_every_triton_headline_case_launches(triton_side):
     launched = collections.Counter(ln["case"] for ln in triton_side.get("launches", []))
     missing = [c.id for c in headline.cases() if "triton" in c.backends and not launched[c.id]]
@@ -142,7 +141,7 @@ def _committed() -> dict:
     return json.loads(COMMITTED.read_text())
 
 
-@pytest.mark.slow  # regenerates the report: ~1-2 min on 2 cores, shared by the module
+@pytest.mark.slow  # regenerates the report once per module: ~1-1.5 min on 2 cores
 def test_committed_report_has_the_current_cuda_launches(cuda_side):
     committed = _committed()["cuda"]
     assert _cuda_plan(committed) == _cuda_plan(cuda_side), (
@@ -150,7 +149,7 @@ def test_committed_report_has_the_current_cuda_launches(cuda_side):
     )
 
 
-@pytest.mark.slow  # regenerates the report: ~1-2 min on 2 cores, shared by the module
+@pytest.mark.slow  # regenerates the report once per module: ~1-1.5 min on 2 cores
 def test_committed_report_has_the_current_triton_launches(triton_side):
     committed = _committed()["triton"]
     assert _triton_plan(committed) == _triton_plan(triton_side), (

@@ -7,13 +7,16 @@ module feeds each family's driver one case per (headline shape, driver path) and
 recorded kernel by its symbol: the plan line carries the kernel's address, `nm` of the binary the
 symbol at that address, which demangles to the same name as the sm_90a kernel in cuobjdump.
 
-Which path the torch op takes (csrc/cuda/*_cuda.cpp picks, e.g. gemv at M <= 16) is host code that
-needs torch and a GPU; `HOST_PATH` restates that rule to mark the row the op runs. Every path the
-driver offers (its "Case keys: path=a|b" comment) is planned anyway, so the spill check covers
-every kernel a headline shape can launch even if the restatement falls behind.
+Which path the torch op takes is decided partly in the launch API (lowrank's plan_lowrank:
+driver path=auto runs it as csrc/cuda/lowrank_cuda.cpp does) and partly in host code that needs
+torch and a GPU (int8: `lrkernels.ops.int8.cuda_path`, kernel or dequantize + cuBLAS; LoRA:
+lora_cuda.cpp, GEMV at M <= 16); `HOST_PATH` marks the row the op runs. The other paths a
+headline shape can take (`DRIVER_CASES`: lowrank forced to tc or gemv, int8's other path) are
+planned too, so the spill check covers every kernel such a shape can launch.
 
 A new family needs its driver in tests/cuda_emulation/build.py (plan mode comes with
-driver_common.h) and a line in `DRIVER_CASE` / `HOST_PATH` here.
+driver_common.h: a driver must construct its Checker after its launches and skip its reference
+when drv::plan_only()) and a line in `DRIVER_CASES` / `HOST_PATH` here.
 """
 
 from __future__ import annotations
@@ -32,27 +35,90 @@ from .headline import Case
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _lowrank_case(case: Case, path: str) -> str:
+def _lowrank_lines(case: Case) -> list[tuple[str, str]]:
+    """The op's own plan (path=auto: plan_lowrank, as csrc/cuda/lowrank_cuda.cpp calls it) and
+    each path forced."""
     p = case.params
-    # dx = lowrank(dy, Vᵀ, Uᵀ): (M, out) -> (M, in); the CUDA op makes Vᵀ and Uᵀ contiguous
-    n_in, n_out, bias = (p["out"], p["in"], 0) if case.op == "dx" else (p["in"], p["out"], 1)
-    return f"path={path} dtype=bf16 M={p['M']} in={n_in} out={n_out} rank={p['rank']} bias={bias}"
+    if case.op == "dx":  # dx = lowrank(dy, Vᵀ, Uᵀ): (M, out) -> (M, in)
+        shape = f"M={p['M']} in={p['out']} out={p['in']} rank={p['rank']} bias=0"
+        views = " vt=1 ut=1"  # transposed views, read in place on the tensor-core path (the
+    else:  # gemv path gets them contiguous: lowrank_cuda.cpp copies)
+        shape = f"M={p['M']} in={p['in']} out={p['out']} rank={p['rank']} bias=1"
+        views = ""
+    return [
+        (path, f"path={path} dtype=bf16 {shape}{'' if path == 'gemv' else views}")
+        for path in ("auto", "tc", "gemv")
+    ]
 
 
-def _int8_case(case: Case, path: str) -> str:
+def _int8_lines(case: Case) -> list[tuple[str, str]]:
+    """The tensor-core kernel (op=mma, its own plan) at every M, and where the op dequantizes
+    once + cuBLAS instead (large M), the dequantize kernel."""
     p = case.params
     d = "dir=tr bias=0" if case.op == "grad_input" else "dir=fwd bias=1"
-    return f"path={path} dtype=bf16 {d} M={p['M']} N={p['N']} K={p['K']} group={p['group']}"
+    lines = [("mma", f"op=mma dtype=bf16 {d} M={p['M']} N={p['N']} K={p['K']} group={p['group']}")]
+    if _int8_host(case) == "dequant+cuBLAS":
+        lines.append(
+            (
+                "dequant+cuBLAS",
+                f"op=dequant dtype=bf16 N={p['N']} K={p['K']} group={p['group']}"
+                + (" smajor=g" if p["group"] else ""),
+            )  # packed scales are group-major
+        )
+    return lines
 
 
-# family -> (case, driver path) -> the driver's case line
-DRIVER_CASE = {"lowrank": _lowrank_case, "int8": _int8_case}
+def _attention_lines(case: Case) -> list[tuple[str, str]]:
+    """One launch API per pass; the layout as lrkernels.masks.local_window_layout builds it (one
+    list set shared by batch and heads, full blocks listed apart)."""
+    p = case.params
+    left, right = p["window"]
+    return [(case.op, f"path={case.op} dtype=bf16 B={p['B']} Hq={p['H']} Hkv={p['H']} "
+             f"Sq={p['S']} Sk={p['S']} D={p['D']} bq={p['block']} bk={p['block']} "
+             f"win={left}:{right} layout=window full=1 bcast=1")]  # fmt: skip
 
-# family -> case -> the driver path the CUDA op takes on an sm_90 device for bf16 inputs, as
-# csrc/cuda/lowrank_cuda.cpp and int8_cuda.cpp choose it (restated: that code needs torch).
+
+def _lora_lines(case: Case) -> list[tuple[str, str]]:
+    """csrc/cuda/lora_cuda.cpp: M <= 16 shrink + fused GEMV over the base; M > 16 the base by
+    cuBLAS (or int8_linear), then shrink + expand (many adapters) or the dropout mask + cuBLAS
+    (one adapter)."""
+    p = case.params
+    shape = f"dtype=bf16 M={p['M']} N={p['N']} K={p['K']} R={p['rank']}"
+    base = f"base={p['base']} group=0"
+    if p["M"] <= 16:
+        return [("gemv", f"path=gemv {shape} {base} n={p['adapters']}")]
+    if p["adapters"]:
+        return [("expand", f"path=expand {shape} {base} n={p['adapters']}")]
+    return [("mask+cuBLAS", f"path=mask {shape}")]
+
+
+# family -> case -> [(path, driver case line)], the paths a headline shape can take
+DRIVER_CASES = {
+    "lowrank": _lowrank_lines,
+    "int8": _int8_lines,
+    "attention": _attention_lines,
+    "lora": _lora_lines,
+}
+
+
+def _int8_host(case: Case, paths: list[str] | None = None) -> str:
+    import torch
+
+    from lrkernels.ops.int8 import cuda_path  # the op's own rule (kernel below M = 512)
+
+    p = case.params
+    rule = cuda_path(p["M"], p["N"], p["K"], torch.bfloat16, transposed=case.op == "grad_input")
+    return "mma" if rule == "kernel" else "dequant+cuBLAS"
+
+
+# family -> (case, planned paths) -> the path the CUDA op takes for bf16 on an H200 ("auto": the
+# launch API plans itself, and the forced path whose launches equal it names the row; "torch":
+# none of this family's kernels, every planned path is listed as not taken).
 HOST_PATH = {
-    "lowrank": lambda c: "fused" if c.params["M"] > 16 and c.params["rank"] <= 512 else "gemv",
-    "int8": lambda c: "tc" if c.params["M"] > 16 else "gemv",
+    "lowrank": lambda c, paths: "torch" if c.torch_reason("cuda") else "auto",
+    "int8": _int8_host,
+    "attention": lambda c, paths: paths[0],
+    "lora": lambda c, paths: paths[0],
 }
 
 
@@ -90,12 +156,6 @@ def _emulation():
     from cuda_emulation import build
 
     return build
-
-
-def driver_paths(driver: Path) -> list[str]:
-    """The paths a driver documents in its header ("Case keys: path=fused|gemv ...")."""
-    m = re.search(r"Case keys:[^\n]*?\bpath=([\w|]+)", driver.read_text())
-    return m.group(1).split("|") if m else []
 
 
 def _symbols(binary: Path) -> dict[int, str]:
@@ -140,6 +200,29 @@ def _run_driver(binary: Path, lines: list[str]) -> list[tuple[str, bool, str, li
     return results
 
 
+def _signature(rows: list[Launch]) -> list[tuple]:
+    return [(r.symbol, r.grid, r.block, r.dynamic_smem) for r in rows]
+
+
+def _merge_paths(family: str, case: Case, by_path: dict[str, list[Launch]], host: str):
+    """The case's rows: the host path's launches (host_path=True) and every other path whose
+    launches differ from them. A self-planning host path ("auto") takes the name of the forced
+    path it equals."""
+    ref = host if host in by_path else "auto"  # "torch": dedupe against the kernels' own plan
+    ref_rows = by_path.get(ref, [])
+    out = []
+    for path, rows in by_path.items():
+        if path == ref:
+            continue
+        if rows and _signature(rows) == _signature(ref_rows):
+            if ref == "auto":
+                for r in ref_rows:
+                    r.path = path
+            continue
+        out += rows
+    return ref_rows + out
+
+
 def plan(cases: list[Case]) -> Plan:
     """Plans every CUDA headline case through the emulation drivers. Raises
     cuda_emulation.build.BuildUnavailable when g++ or the CUDA headers are missing."""
@@ -155,49 +238,46 @@ def plan(cases: list[Case]) -> Plan:
             f"{family}: no CPU-emulation driver (tests/cuda_emulation/build.py FAMILIES), so no "
             "launch configuration; its kernels are listed from cuobjdump only"
         )
-    for family, fam in build.FAMILIES.items():
-        fam_cases = [c for c in cases if c.family == family and "cuda" in c.backends]
-        if family not in DRIVER_CASE:
+    for family in sorted(wanted & set(build.FAMILIES)):
+        if family not in DRIVER_CASES:
             notes.append(f"{family}: an emulation driver exists but no headline cases are defined")
             continue
-        if not fam_cases:
-            continue
-        paths = driver_paths(build.DRIVERS / fam.driver)
-        if not paths:
-            notes.append(f"{family}: the driver documents no path=... key")
-            continue
-        host = HOST_PATH.get(family)
-        for c in fam_cases:
-            if host is not None and host(c) not in paths:
-                notes.append(f"{family}: host path {host(c)!r} is not a driver path {paths}")
-                break
+        fam_cases = [c for c in cases if c.family == family and "cuda" in c.backends]
+        routed = [(c.id, c.torch_reason("cuda")) for c in fam_cases if c.torch_reason("cuda")]
+        if routed:
+            notes.append(
+                f"CUDA {family}: {routed[0][1]} ({len(routed)} headline cases); their rows, "
+                "under paths the op does not take, are the kernels it would launch"
+            )
         binary = build.build(family, "asan")
         binaries[family] = str(binary)
-        jobs = [(c, p, DRIVER_CASE[family](c, p)) for c in fam_cases for p in paths]
-        work.append((family, host, binary, jobs))
+        jobs = [(c, path, line) for c in fam_cases for path, line in DRIVER_CASES[family](c)]
+        work.append((family, binary, jobs))
     with ThreadPoolExecutor(max_workers=max(1, len(work))) as pool:  # one process per family
-        runs = list(pool.map(lambda w: _run_driver(w[2], [ln for *_, ln in w[3]]), work))
-    for (family, host, binary, jobs), results in zip(work, runs, strict=True):
+        runs = list(pool.map(lambda w: _run_driver(w[1], [ln for *_, ln in w[2]]), work))
+    for (family, binary, jobs), results in zip(work, runs, strict=True):
         symbols = _symbols(binary)
         anchor_addr = next((a for a, n in symbols.items() if n == _ANCHOR), None)
         if anchor_addr is None:
             raise RuntimeError(f"{binary}: no symbol {_ANCHOR}")
         raw = []
-        for (c, p, line), (_, ok, status, recs) in zip(jobs, results, strict=True):
+        for (c, path, line), (_, ok, status, recs) in zip(jobs, results, strict=True):
             if not ok:
                 failures.append(f"{family} {line}: {status}")
                 continue
             for r in recs:
                 addr = int(r["fn"], 16) - int(r["anchor"], 16) + anchor_addr
-                raw.append((c, p, r, symbols.get(addr, f"<unknown symbol at {addr:#x}>")))
+                raw.append((c, path, r, symbols.get(addr, f"<unknown symbol at {addr:#x}>")))
         names = sass.demangle([s for *_, s in raw])
-        for c, p, r, sym in raw:
-            launches.append(
+        per_case: dict[str, tuple[Case, dict[str, list[Launch]]]] = {}
+        for c, path, r, sym in raw:
+            rows = per_case.setdefault(c.id, (c, {}))[1].setdefault(path, [])
+            rows.append(
                 Launch(
                     case=c.id,
                     family=family,
-                    path=p,
-                    host_path=host is None or host(c) == p,
+                    path=path,
+                    host_path=False,
                     source_name=r["name"],
                     symbol=sym,
                     demangled=names.get(sym, sym),
@@ -206,4 +286,9 @@ def plan(cases: list[Case]) -> Plan:
                     dynamic_smem=int(r["smem"]),
                 )
             )
+        for c, by_path in per_case.values():
+            host = HOST_PATH[family](c, list(by_path))
+            for r in by_path.get(host, []):
+                r.host_path = True
+            launches += _merge_paths(family, c, by_path, host)
     return Plan(launches, failures, notes, binaries)

@@ -1,5 +1,5 @@
-"""The headline shapes (issues 8, 9, 10: the goals of each family are stated at these) and the
-bytes/FLOPs floor of each, from `lrkernels.roofline`.
+"""The headline shapes (issues 8, 9, 10, 11: the goals of each family are stated at these) and
+the bytes/FLOPs floor of each, from `lrkernels.roofline`.
 
 Everything is bfloat16. A case is one op call at one shape; the CUDA and Triton sides of the
 report each turn it into their own launches (`cuda_plan`, `triton_plan`).
@@ -27,13 +27,23 @@ ATTENTION = (
     ("local c512", 16384, (511, 0), 256, ("triton",), ("fwd", "bwd")),
 )
 ATTN_B, ATTN_H, ATTN_BLOCK = 2, 16, 128
+# LoRA (issue 11): 4096², r=16, bf16 activations. (name, M, base, adapters (0: one, plain
+# lora_linear), dropout, passes)
+LORA_FEATURES, LORA_RANK = 4096, 16
+LORA = (
+    ("decode", 16, "dense", 0, 0.0, ("fwd",)),
+    ("decode", 16, "int8", 0, 0.0, ("fwd",)),
+    ("train", 8192, "dense", 0, 0.1, ("fwd",)),
+    ("multi", 64, "dense", 64, 0.0, ("fwd",)),
+    ("multi", 4096, "dense", 8, 0.0, ("fwd",)),
+)
 
 
 @dataclasses.dataclass
 class Case:
     """One op call at a headline shape.
 
-    family: "lowrank", "int8" or "attention"; op: "fwd", "dx" (lowrank input gradient),
+    family: "lowrank", "int8", "attention" or "lora"; op: "fwd", "dx" (lowrank input gradient),
     "grad_input" (int8 input gradient) or "bwd" (attention); params: the sizes (see the family's
     constructor below); backends: which report sides launch it."""
 
@@ -50,7 +60,30 @@ class Case:
         if self.family == "int8":
             g = "g128" if p["group"] else "per-ch"
             return f"int8 {self.op} {p['N']}x{p['K']} {g} M={p['M']}"
+        if self.family == "lora":
+            base = "int8 base" if p["base"] == "int8" else "bf16 base"
+            extra = f" {p['adapters']} adapters" if p["adapters"] else ""
+            extra += f" dropout {p['dropout']}" if p["dropout"] else ""
+            return f"lora {self.op} {p['N']}x{p['K']} r={p['rank']} {base} M={p['M']}{extra}"
         return f"attn {self.op} {p['pattern']} S={p['S']} D={p['D']} B={p['B']} H={p['H']}"
+
+    def torch_reason(self, backend: str) -> str | None:
+        """Why the op itself runs torch's matmuls instead of `backend`'s kernels at this case
+        (its own crossover rule), or None. The report still plans the kernels it would launch."""
+        if self.family == "lowrank" and self.op == "dx":
+            import torch
+
+            from lrkernels.ops.lowrank import kernel_expected_faster
+
+            p = self.params  # the backward's call: (M, out) -> (M, in) through rank
+            if not kernel_expected_faster(
+                backend, p["M"], p["out"], p["in"], p["rank"], torch.bfloat16
+            ):
+                return (
+                    "the backward's crossover (lrkernels.ops.lowrank.kernel_expected_faster) "
+                    f"gives dx at M={p['M']} to torch's two matmuls"
+                )
+        return None
 
     def cost(self) -> tuple[float, float]:
         """(FLOPs the kernels do, minimum bytes) of the call, from lrkernels.roofline."""
@@ -65,6 +98,11 @@ class Case:
             if self.op == "grad_input":  # dy (M, N) · W (N, K) -> (M, K)
                 return roofline.int8_linear_cost(p["M"], p["N"], p["K"], 2, p["group"], False)
             return roofline.int8_linear_cost(p["M"], p["K"], p["N"], 2, p["group"], True)
+        if self.family == "lora":
+            return roofline.lora_linear_cost(
+                p["M"], p["K"], p["N"], p["rank"], 2, bias=True,
+                group_size=0 if p["base"] == "int8" else None, n_adapters=max(1, p["adapters"]),
+            )  # fmt: skip
         from bench.attn import window_num_blocks, window_visible_pairs
 
         S, w, bs, bh = p["S"], tuple(p["window"]), ATTN_BLOCK, p["B"] * p["H"]
@@ -111,6 +149,11 @@ def cases() -> list[Case]:
     for pattern, S, window, D, backends, passes in ATTENTION:
         for op in passes:
             params = {"pattern": pattern, "S": S, "window": window, "D": D, "B": ATTN_B,
-                      "H": ATTN_H}  # fmt: skip
+                      "H": ATTN_H, "block": ATTN_BLOCK}  # fmt: skip
             out.append(Case("attention", op, params, backends))
+    for _, M, base, adapters, dropout, passes in LORA:
+        for op in passes:
+            params = {"M": M, "N": LORA_FEATURES, "K": LORA_FEATURES, "rank": LORA_RANK,
+                      "base": base, "adapters": adapters, "dropout": dropout}  # fmt: skip
+            out.append(Case("lora", op, params))
     return out

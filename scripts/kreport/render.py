@@ -3,13 +3,15 @@ headline launches, then every CUDA kernel of the extension and every compiled Tr
 
 from __future__ import annotations
 
-from . import sass
+from . import device, sass
 
 FAMILIES = (
     ("lowrank", "Low-rank linear, y = (x·Vᵀ)·Uᵀ + b (dx = lowrank(dy, Vᵀ, Uᵀ))"),
     ("int8", "int8 weight-only linear (W8A16), y = x·Wᵀ + b, grad_input dx = dy·W"),
     ("attention", "Block-sparse attention, B=2 H=16, blocks 128"),
+    ("lora", "LoRA, y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ + b (4096², r=16)"),
 )
+_PREFIX = {"attention": "attn"}  # a family's case ids start with this word
 
 LEGEND = """\
 How to read it. Every number comes from compiled code, not from a GPU run: registers and stack
@@ -94,7 +96,7 @@ def _triton_rows(report: dict, family: str) -> list[list[str]]:
     floors = {c["id"]: c["floor"] for c in report["cases"]}
     rows, seen = [], set()
     for ln in tri.get("launches", []):
-        if not ln["case"].startswith({"attention": "attn"}.get(family, family) + " "):
+        if not ln["case"].startswith(_PREFIX.get(family, family) + " "):
             continue
         k = tri["kernels"][ln["compiled"]]
         first = ln["case"] not in seen
@@ -105,6 +107,7 @@ def _triton_rows(report: dict, family: str) -> list[list[str]]:
             if v is not False and v is not None
         )
         tune = "" if ln.get("autotune_config") is None else f" (autotune #{ln['autotune_config']})"
+        tune += " (not taken)" if _not_taken(ln) else ""
         rows.append(
             [_case_label(ln["case"]) if first else "", f"`{k['kernel']}`{tune}",
              f"{cfg} w{k['num_warps']} s{k['num_stages']}", _grid(ln["grid"]), ln["block"],
@@ -119,7 +122,7 @@ def _other_triton_rows(report: dict, family: str, other: dict) -> list[list[str]
     """Launches whose spills, shared memory or blocks/SM differ under another triton (the same
     launch plan: the launchers do not depend on the version)."""
     tri = report["triton"]
-    prefix = {"attention": "attn"}.get(family, family) + " "
+    prefix = _PREFIX.get(family, family) + " "
     rows = []
     for a, b in zip(tri.get("launches", []), other.get("launches", []), strict=False):
         if not a["case"].startswith(prefix):
@@ -140,6 +143,81 @@ def _other_triton_rows(report: dict, family: str, other: dict) -> list[list[str]
         )  # fmt: skip
     return rows
 
+
+def _not_taken(ln: dict) -> bool:
+    """A Triton launch recorded for a case whose op runs torch instead (triton_plan)."""
+    return ln.get("phase", "").endswith("(not taken)")
+
+
+def _span(values) -> str:
+    lo, hi = min(values), max(values)
+    return f"{lo}" if lo == hi else f"{lo}–{hi}"
+
+
+def _fspan(values) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "no fit"
+    lo, hi = min(vals), max(vals)
+    return f"{lo:.2f}" if lo == hi else f"{lo:.2f}–{hi:.2f}"
+
+
+def _kspan(values) -> str:
+    lo, hi = min(values), max(values)
+    return _kib(lo) if lo == hi else f"{_kib(lo)}–{_kib(hi)}"
+
+
+def _base_name(short: str) -> str:
+    return short.split("<", 1)[0]
+
+
+def summary_rows(report: dict) -> list[list[str]]:
+    """One row per (family, side, kernel) over every headline launch of that kernel: how many
+    launches, the spans of registers, shared memory, blocks/SM and waves, launches under 2
+    waves, and the instruction classes (CUDA: the op's path and the other planned paths
+    separately)."""
+    groups: dict[tuple, list] = {}
+    cuda, tri = report["cuda"], report["triton"]
+    for ln in cuda.get("launches", []):
+        k = cuda["kernels"].get(ln["kernel"])
+        if k is None:
+            continue
+        side = "CUDA" if ln["host_path"] else "CUDA (other path)"
+        key = (ln["family"], side, _base_name(k["short"]))
+        groups.setdefault(key, []).append((ln, k, k["static_smem"] + ln["dynamic_smem"]))
+    for ln in tri.get("launches", []):
+        k = tri["kernels"][ln["compiled"]]
+        family = next(f for f, _ in FAMILIES if ln["case"].startswith(_PREFIX.get(f, f) + " "))
+        side = f"Triton {tri.get('triton', '')}" + (" (other path)" if _not_taken(ln) else "")
+        key = (family, side, k["kernel"])
+        groups.setdefault(key, []).append((ln, k, k["static_smem"] + k["dynamic_smem"]))
+    order = {f: i for i, (f, _) in enumerate(FAMILIES)}
+    rows = []
+    for (family, side, name), items in sorted(groups.items(), key=lambda kv: (order[kv[0][0]],
+                                              kv[0][1], kv[0][0])):  # fmt: skip
+        n = len(items)
+        spills = sum(1 for _, k, _ in items if k["counts"].get("LDL") or k["counts"].get("STL"))
+        under = sum(1 for ln, _, _ in items if ln["waves"] is None or ln["waves"] < 2)
+
+        def share(op_flag: str, items=items, n=n) -> str:
+            have = {sass.flags(k["counts"])[op_flag] for _, k, _ in items} - {"-"}
+            hit = sum(1 for _, k, _ in items if sass.flags(k["counts"])[op_flag] != "-")
+            label = "/".join(sorted(have)) or "-"
+            return label if hit == n else ("-" if hit == 0 else f"{label} ({hit}/{n})")
+
+        rows.append(
+            [family, side, f"`{name}`", n, _span([k["regs"] for _, k, _ in items]),
+             f"**{spills}**" if spills else "0", _kspan([b for *_, b in items]),
+             _span([ln["blocks_per_sm"] for ln, _, _ in items]),
+             _fspan([ln["waves"] for ln, _, _ in items]), f"{under}/{n}",
+             _fspan([device.grid_blocks(ln["grid"]) / device.H200.sms for ln, _, _ in items]),
+             share("mma"), share("ldsm"), share("async")]
+        )  # fmt: skip
+    return rows
+
+
+SUMMARY_HEADER = ["family", "side", "kernel", "launches", "regs", "spilling", "smem",
+                  "blocks/SM", "waves", "< 2 waves", "CTAs/SM", "MMA", "LDSM", "async"]  # fmt: skip
 
 CUDA_HEADER = ["case", "path", "kernel", "grid", "block", "regs", "LDL/STL", "smem", "blocks/SM",
                "waves", "MMA", "LDSM", "async", "floor"]  # fmt: skip
@@ -185,7 +263,24 @@ def markdown(report: dict) -> str:
             problems.append(f"{name} side {part['status']}")
         elif name == "CUDA" and part.get("plan_status") != "ok":
             problems.append(f"CUDA launches {part.get('plan_status')}")
-    out += [""] + [f"- {n}" for n in cuda.get("notes", []) + problems]
+    out += [""] + [f"- {n}" for n in cuda.get("notes", []) + tri.get("notes", []) + problems]
+    rows = summary_rows(report)
+    if rows:
+        out += [
+            "",
+            "## Headline kernels at a glance",
+            "",
+            "Every kernel a headline shape launches, over all its headline launches (spans "
+            'are min–max; smem = static + dynamic per block; "spilling": launches of a '
+            'kernel with local loads/stores; "< 2 waves": launches whose grid covers '
+            "fewer than two full waves of the H200, a wave being blocks/SM × 132 CTAs; "
+            '"CTAs/SM": grid / 132 SMs, the other reading of "waves"). CUDA (other path): a '
+            "path the op does "
+            "not take at these shapes (lowrank forced to the other path, int8's fused kernel "
+            "where the op dequantizes + cuBLAS), planned for the spill check.",
+            "",
+        ]
+        out += _table(SUMMARY_HEADER, rows)
     for family, title in FAMILIES:
         out += ["", f"## {title}", ""]
         rows = _cuda_rows(report, family, host=True)
@@ -218,7 +313,7 @@ def markdown(report: dict) -> str:
     if other:
         out += ["", "## CUDA driver paths the torch op does not take at these shapes", "",
                 "Planned anyway so that the spill check covers every kernel a headline shape can "
-                "launch (the host's path choice is restated in scripts/kreport/cuda_plan.py).",
+                "launch (which path the op takes: scripts/kreport/cuda_plan.py HOST_PATH).",
                 ""] + _table(CUDA_HEADER[:-1], [r[:-1] for r in other])  # fmt: skip
     if cuda.get("kernels"):
         used = {ln["kernel"] for ln in cuda.get("launches", [])}

@@ -206,6 +206,8 @@ def short_name(demangled: str) -> str:
     if s.startswith("void "):
         s = s[5:]
     s = _split_top(s, "::")[-1]
+    s = re.sub(r"(?:\(anonymous namespace\)|[A-Za-z_]\w*)::", "", s)  # in template arguments
+    s = re.sub(r"\((\w+)\)(-?\d+)", r"\1\2", s)  # an enum value: (Layout)0 -> Layout0
     return s.replace("__nv_bfloat16", "bf16").replace("__half", "fp16").replace(" ", "")
 
 

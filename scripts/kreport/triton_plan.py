@@ -3,8 +3,8 @@
 Run in its own process (it patches torch and triton): ``python -m kreport.triton_plan OUT.json``
 with scripts/ and the repo root on PYTHONPATH; `kernel_report.py` does that.
 
-1. The public ops (`lrkernels.lowrank_linear`, `int8_linear`, `block_sparse_attention`, with
-   ``backend="triton"``) run under `FakeTensorMode` on a fake "cuda" device whose torch.cuda
+1. The public ops (`lrkernels.lowrank_linear`, `int8_linear` (packed weight),
+   `block_sparse_attention`, `lora_linear` / `lora_linear_multi`, with ``backend="triton"``) run under `FakeTensorMode` on a fake "cuda" device whose torch.cuda
    queries answer as an H200 (132 SMs, 232,448 B of opt-in shared memory per block): the real
    launchers pick their real configurations. A backward case runs the forward op's registered
    autograd formula by hand (`OpCalls`; autograd's engine needs a real CUDA device).
@@ -23,9 +23,11 @@ Works on triton 3.6 and 3.9 (the same binder and ``_pack_args`` API).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import multiprocessing
 import os
+import pkgutil
 import sys
 import tempfile
 import time
@@ -66,6 +68,8 @@ def _fake_h200() -> None:
     torch.cuda.device_count = lambda: 1
     torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
     torch.cuda.get_device_name = lambda *a, **k: H200_PROPS.name
+    # launchers that key per-stream state (split-K counters) ask for the current stream
+    torch.cuda.current_stream = lambda *a, **k: types.SimpleNamespace(cuda_stream=0)
 
 
 class Recorder:
@@ -184,11 +188,31 @@ def _run_case(case: headline.Case, rec: Recorder, ops: OpCalls) -> None:
             x = new(p["M"], p["in"], grad=not forward_only)
             U, V, b = new(p["out"], p["rank"]), new(p["rank"], p["in"]), new(p["out"])
             y = lrkernels.lowrank_linear(x, U, V, b, backend="triton")
-        elif case.family == "int8":
+        elif case.family == "int8":  # the packed layout 2 (Int8Linear packs on CUDA)
             x = new(p["M"], p["K"], grad=not forward_only)
-            q = new(p["N"], p["K"], dtype=torch.int8)
-            s = new(p["N"], p["K"] // p["group"]) if p["group"] else new(p["N"])
+            q = new(-(-p["N"] // 32), p["K"] // 16, 512, dtype=torch.int8)
+            if p["group"]:  # group-major, as lrkernels.quant.pack stores them
+                s = torch.empty_strided((p["N"], p["K"] // p["group"]), (1, p["N"]), dtype=bf16,
+                                        device="cuda")  # fmt: skip
+            else:
+                s = new(p["N"])
             y = lrkernels.int8_linear(x, q, s, new(p["N"]), backend="triton")
+        elif case.family == "lora":
+            x = new(p["M"], p["K"], grad=not forward_only)
+            base = new(p["N"], p["K"])
+            if p["base"] == "int8":  # lora_linear's int8 base: layout 1, per-channel scales
+                base = (new(p["N"], p["K"], dtype=torch.int8), new(p["N"]))
+            n, r = p["adapters"], p["rank"]
+            if n:
+                A, B = new(n, r, p["K"]), new(n, p["N"], r)
+                index = new(p["M"], dtype=torch.int32)
+                ranks, scales = new(n, dtype=torch.int32), new(n, dtype=torch.float32)
+                y = lrkernels.lora_linear_multi(x, base, A, B, index, ranks=ranks, scales=scales,
+                                                bias=new(p["N"]), backend="triton")  # fmt: skip
+            else:
+                A, B = new(r, p["K"]), new(p["N"], r)
+                y = lrkernels.lora_linear(x, base, A, B, new(p["N"]), scale=2.0,
+                                          dropout_p=p["dropout"], backend="triton")  # fmt: skip
         else:
             fields = {
                 f.name: _fake_like(getattr(layout, f.name))
@@ -200,7 +224,12 @@ def _run_case(case: headline.Case, rec: Recorder, ops: OpCalls) -> None:
             q, k, v = (new(*shape, grad=not forward_only) for _ in range(3))
             y = lrkernels.block_sparse_attention(q, k, v, fake_layout, backend="triton")
         del y
-        if not forward_only:
+        if not forward_only and case.torch_reason("triton"):
+            # The op's backward runs torch's matmuls here; record what its kernel would launch
+            # (dx = lowrank(dy, Vᵀ, Uᵀ), the call the backward makes otherwise) as not taken.
+            rec.label = (case.id, f"{case.op} (not taken)")
+            lrkernels.lowrank_linear(new(p["M"], p["out"]), V.t(), U.t(), None, backend="triton")
+        elif not forward_only:
             rec.label = (case.id, case.op)
             ops.backward(ops.calls[-1])
         rec.label = None
@@ -339,12 +368,23 @@ def plan(cases: list[headline.Case]) -> dict:
     rec.install()
     import lrkernels
 
+    for mod in pkgutil.iter_modules(lrkernels.ops.__path__):  # triton ops register on first use;
+        ensure = getattr(importlib.import_module(f"lrkernels.ops.{mod.name}"), "_ensure_triton_ops",
+                         None)  # fmt: skip
+        if ensure is not None:  # register them now, so that OpCalls sees their autograd
+            ensure()
     ops = OpCalls()
     ops.install()
     avail = getattr(lrkernels.backends, "_AVAILABILITY", None)
     if isinstance(avail, dict):
         avail["triton"] = None  # there is a (fake) CUDA device
     errors: list[str] = []
+    routed = [(c.id, c.torch_reason("triton")) for c in cases if "triton" in c.backends
+              and c.op != "fwd" and c.torch_reason("triton")]  # fmt: skip
+    notes = [
+        f"Triton {routed[0][0].split()[0]}: {routed[0][1]} ({len(routed)} headline cases); "
+        "the launches marked (not taken) are what it would launch"
+    ] if routed else []  # fmt: skip
     for case in cases:
         if "triton" not in case.backends:
             continue
@@ -391,6 +431,7 @@ def plan(cases: list[headline.Case]) -> dict:
         "launches": launches,
         "kernels": kernels,
         "errors": errors,
+        "notes": notes,
     }
 
 

@@ -83,8 +83,9 @@ std::string run_mma(const drv::Case& c, std::string* stats) {
   const bool staged = G > 0 || tr;
   const int64_t sld = staged ? round_up(N, 8) : N;
 
-  // Logical inputs.
-  std::vector<int8_t> q(static_cast<size_t>(N * K));
+  // Logical inputs (none in plan mode, drv::plan_only: only the launches are recorded).
+  const bool plan_mode = drv::plan_only();
+  std::vector<int8_t> q(static_cast<size_t>(plan_mode ? 0 : N * K));
   for (auto& v : q) v = static_cast<int8_t>(static_cast<int>(vals.rng()() % 255) - 127);
   std::vector<float> s(static_cast<size_t>(N * groups));
   for (auto& v : s) {
@@ -99,10 +100,10 @@ std::string run_mma(const drv::Case& c, std::string* stats) {
       b(static_cast<size_t>(N), c.misaligned('b')),
       y(static_cast<size_t>(M * ldy), c.misaligned('y'));
   Buffer<int8_t> qp(static_cast<size_t>((N + 31) / 32 * 32 * K), c.misaligned('q'));
-  for (size_t i = 0; i < a.size(); ++i) a[i] = drv::from_f<T>(vals.next());
+  for (size_t i = 0; i < (plan_mode ? 0 : a.size()); ++i) a[i] = drv::from_f<T>(vals.next());
   a.snapshot();
   vals.fill(b);
-  if (K % 16 == 0) pack_layout2(q.data(), N, K, qp.data());
+  if (K % 16 == 0 && !plan_mode) pack_layout2(q.data(), N, K, qp.data());
   qp.snapshot();
   sk.fill_nan();
   for (int64_t n = 0; n < N; ++n) {
@@ -215,10 +216,11 @@ std::string run_dequant(const drv::Case& c, std::string* stats) {
   const bool group_major = c.str("smajor", "n") == "g";
   drv::Values vals(c.str("dist", "real"), static_cast<uint64_t>(c.num("seed", 1)));
   const int64_t groups = G > 0 ? K / G : 1;
-  std::vector<int8_t> q(static_cast<size_t>(N * K));
+  const bool plan_mode = drv::plan_only();  // only the launch is recorded: no values
+  std::vector<int8_t> q(static_cast<size_t>(plan_mode ? 0 : N * K));
   for (auto& v : q) v = static_cast<int8_t>(static_cast<int>(vals.rng()() % 255) - 127);
   Buffer<int8_t> qp(static_cast<size_t>((N + 31) / 32 * 32 * K), c.misaligned('q'));
-  if (K % 16 == 0) pack_layout2(q.data(), N, K, qp.data());
+  if (K % 16 == 0 && !plan_mode) pack_layout2(q.data(), N, K, qp.data());
   qp.snapshot();
   Buffer<T> s(static_cast<size_t>(N * groups), c.misaligned('s')),
       w(static_cast<size_t>(N * K), c.misaligned('y'));
