@@ -183,16 +183,47 @@ def triton_part(python: str) -> dict:
     return TritonJob(python).result()
 
 
+# Spills known and accepted for now: CUDA kernel (short name) -> (most LDL, most STL in its SASS,
+# why). Listed in the report as known; the gate still fails when one of them spills more or any
+# other headline kernel spills at all. Each entry is an open defect, not a tolerance.
+KNOWN_SPILLS = {
+    f"block_sparse_attention_bwd_kernel<{t},{d}>": (
+        8, 6,
+        "4 warps per 64-key tile hold dK and dV (D/2 float32 registers each per thread) plus the "
+        "Q/dO/P fragments: more than the 255 registers a thread can have at D = 96 and 128 "
+        "(ptxas: 255 registers, 16-24 B stack); the fix is 8 warps per tile (issue 10, open)",
+    )
+    for t in ("bf16", "fp16")
+    for d in (96, 128)
+}  # fmt: skip
+KNOWN = "known, accepted for now"
+
+
+def _known(short: str, counts: dict) -> str | None:
+    entry = KNOWN_SPILLS.get(short)
+    if entry and counts.get("LDL", 0) <= entry[0] and counts.get("STL", 0) <= entry[1]:
+        return entry[2]
+    return None
+
+
+def gate(found: list[str]) -> list[str]:
+    """The spills CI fails on: every one but the known ones within their budget."""
+    return [s for s in found if KNOWN not in s]
+
+
 def spills(report: dict) -> list[str]:
-    """Kernels launched by a headline shape (any driver path) with local loads/stores."""
+    """Kernels launched by a headline shape (any driver path) with local loads/stores; a known
+    one (KNOWN_SPILLS, within its budget) says so."""
     found = []
     cuda = report["cuda"]
     for ln in cuda.get("launches", []):
         k = cuda["kernels"].get(ln["kernel"])
         if k and (k["counts"].get("LDL", 0) or k["counts"].get("STL", 0)):
+            why = _known(k["short"], k["counts"])
+            note = f" [{KNOWN}: {why}]" if why else ""
             found.append(f"CUDA {k['short']} ({ln['case']}, {ln['path']}): "
                          f"{k['counts'].get('LDL', 0)} LDL / {k['counts'].get('STL', 0)} STL, "
-                         f"stack {k['stack']} B")  # fmt: skip
+                         f"stack {k['stack']} B{note}")  # fmt: skip
     for tri in [report["triton"], *report.get("triton_others", [])]:
         version = tri.get("triton", "?")
         for ln in tri.get("launches", []):
@@ -206,7 +237,7 @@ def spills(report: dict) -> list[str]:
 
 def problems(report: dict) -> list[str]:
     """Spills, and cases or launches a part could not plan, compile or match."""
-    out = list(report["spills"]) + report["cuda"].get("errors", [])
+    out = gate(report["spills"]) + report["cuda"].get("errors", [])
     for tri in [report["triton"], *report.get("triton_others", [])]:
         out += [f"triton {tri.get('triton', '?')}: {e}" for e in tri.get("errors", [])]
     return out

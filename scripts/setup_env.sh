@@ -46,6 +46,12 @@ if [ "$(cat "$VENV/.requirements-hash" 2>/dev/null)" != "$reqs_hash" ]; then
   echo "== installed in $(($(date +%s) - start)) s"
 fi
 
+# LRKERNELS_INSTALL_ONLY=1: the environment only (scripts/test.sh installs the oldest env while
+# the newest builds).
+if [ "${LRKERNELS_INSTALL_ONLY:-0}" = 1 ]; then
+  return 0 2>/dev/null || exit 0
+fi
+
 # setup.py finds the CUDA toolkit itself (CUDA_HOME, else /usr/local/cuda, else nvcc's folder).
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 TORCH_VERSION="$("$PY" -c 'import torch; print(torch.__version__)')"

@@ -238,7 +238,7 @@ def test_targets_summary_pass_and_miss():
     assert "no lrkernels provider" in "\n".join(bench_lowrank.targets_summary(rows[:1]))
 
 
-@pytest.mark.parametrize("name", ["lowrank", "int8", "attn"])
+@pytest.mark.parametrize("name", ["lowrank", "int8", "attn", "lora"])
 def test_help_shows_defaults_and_choices_readably(name, capsys):
     import importlib
 
@@ -249,7 +249,7 @@ def test_help_shows_defaults_and_choices_readably(name, capsys):
     text = capsys.readouterr().out
     assert "{'" not in text and "':" not in text  # no Python dict
     assert "--headline" in text and "--write-table" in text and "--max-seconds" in text
-    assert f"(default: {harness.default_out_dir()}" in text.replace("\n", " ").replace("  ", "")
+    assert f"(default: {harness.default_out_dir()}" in " ".join(text.split())  # however wrapped
     assert "lrkernels-cuda, lrkernels-triton" in text  # the providers, listed
 
 

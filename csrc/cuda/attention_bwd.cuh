@@ -188,7 +188,7 @@ struct RankScan {
 
 // One block per (64-row query tile, query head, batch); rows in groups of four lanes.
 template <typename T>
-__global__ void __launch_bounds__(kBwdPrepThreads) attn_bwd_prep_kernel(const BwdParams<T> p) {
+__global__ void __launch_bounds__(kBwdPrepThreads, 1) attn_bwd_prep_kernel(const BwdParams<T> p) {
   const int tid = static_cast<int>(threadIdx.x);
   const int lane = tid & 31;
   const int qt = static_cast<int>(blockIdx.x);
@@ -256,7 +256,7 @@ constexpr size_t bwd_smem_bytes() {
 // on an H100 where the dK / dV accumulators (D / 2 registers each) leave room.
 template <int D>
 constexpr int bwd_min_blocks() {
-  return D >= 96 ? 2 : (D == 64 ? 3 : 4);
+  return D >= 64 ? 2 : 3;
 }
 
 template <typename T, int D>
