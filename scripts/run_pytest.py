@@ -9,16 +9,19 @@ seconds on the CI machine's class of hardware where known (WEIGHTS), else the fi
 proxy. The CUDA emulation files and the static kernel report stay in one shard: the report reuses
 the emulation binaries that shard builds (tests/cuda_emulation's cache), and two shards building
 the same binary would do the work twice. Each shard has its own --basetemp; its output goes to a
-log (build/pytest-shards/) printed after it ends. Exit status: the first nonzero shard's, else 0. With explicit test paths or -k / -m selections, or --jobs 1, it is plain pytest.
+log (build/pytest-shards/, with a JUnit XML of per-test times to refresh WEIGHTS) printed after
+it ends. Exit status: the first nonzero shard's, else 0. With explicit test paths or -k / -m selections, or --jobs 1, it is plain pytest.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,11 +63,27 @@ def shards(files: list[Path], jobs: int) -> list[list[Path]]:
     return [s for s in out if s]
 
 
+def file_seconds(xml_files: list[Path]) -> dict[str, float]:
+    """Seconds per test file from the shards' JUnit XML (what WEIGHTS is refreshed from)."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for path in xml_files:
+        try:
+            root = ET.parse(path).getroot()
+        except (OSError, ET.ParseError):
+            continue
+        for case in root.iter("testcase"):
+            name = case.get("classname", "").split(".")[-1] + ".py"
+            out[name] += float(case.get("time", 0) or 0)
+    return dict(out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("LRKERNELS_TEST_JOBS", 0)))
     ours, pytest_args = parser.parse_known_args()
-    jobs = ours.jobs or min(os.cpu_count() or 1, 4)
+    # Twice the cores: a shard whose weight was underestimated then still shares the machine
+    # with the others instead of running alone on one core at the end.
+    jobs = ours.jobs or min(2 * (os.cpu_count() or 1), 4)
     base = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs"]
     selects = any(a in ("-k", "-m") or a.startswith(("-k", "-m")) for a in pytest_args)
     paths = [a for a in pytest_args if not a.startswith("-") and Path(a).exists()]
@@ -80,11 +99,14 @@ def main() -> int:
     ]
     logs = ROOT / "build" / "pytest-shards"
     logs.mkdir(parents=True, exist_ok=True)
+    for old in logs.glob("shard-*"):
+        old.unlink()
     procs = []
     start = time.time()
     for i, shard in enumerate(shards(files, jobs)):
         log = open(logs / f"shard-{i}.log", "w")  # noqa: SIM115 (closed below)
-        cmd = base + options + [f"--basetemp={logs / f'tmp-{i}'}"] + [str(f) for f in shard]
+        extra = [f"--basetemp={logs / f'tmp-{i}'}", f"--junitxml={logs / f'shard-{i}.xml'}"]
+        cmd = base + options + extra + [str(f) for f in shard]
         procs.append((i, shard, log, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=log)))
     status = 0
     for i, shard, log, proc in procs:
@@ -95,6 +117,8 @@ def main() -> int:
         print(f"== shard {i} ({names}): exit {rc}, done after {time.time() - start:.0f} s")
         print(text, flush=True)
         status = status or rc
+    times = sorted(file_seconds(sorted(logs.glob("shard-*.xml"))).items(), key=lambda t: -t[1])
+    print("== slowest test files (s): " + ", ".join(f"{n} {t:.0f}" for n, t in times[:12]))
     return status
 
 
