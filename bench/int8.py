@@ -22,8 +22,14 @@ bf16 or fp16, fp32 on CPU: the layer before quantization, and the speedup baseli
 torch-int8pack-mm (torch._weight_int8pack_mm plus the bias: per-channel scales and the forward
 only, skipped with torch's reason where it refuses the case); torch-dequant-matmul (the op's
 torch backend: dequantize, then F.linear, every call — what a user writes without the kernel;
-for dx, dequantize then dy @ W). The backends and torch-dequant-matmul are the dispatch paths
-whose forward times --write-table records. A torch comparison provider whose time at one M,
+for dx, dequantize then dy @ W); lrkernels-cuda-kernel / lrkernels-cuda-dequant (the cuda
+backend forced onto its fused kernel or onto dequantize + cuBLAS, forward and dx, from M = 128
+on). The backends and torch-dequant-matmul are the dispatch paths whose forward times
+--write-table records; the two forced cuda paths are recorded under the table op
+int8_linear.cuda_path, which moves the cuda backend's kernel / cuBLAS crossover
+(lrkernels.ops.int8.cuda_path). The library's providers get the packed weight (layout 2, what
+Int8Linear holds on a GPU; --layout plain gives them layout 1, which the cuda backend packs on
+every call). A torch comparison provider whose time at one M,
 scaled in proportion to the next M of the same weight, exceeds --slow-ms is not run there:
 torch's naive int8 kernels must not eat the time budget at large M.
 
@@ -57,13 +63,14 @@ from bench import harness
 from bench.harness import Provider, ProviderSkip, Row
 from bench.plot import write_svg
 from lrkernels import _ext, backends
+from lrkernels.ops import int8 as ops_int8
 from lrkernels.reference import dequantize_reference, int8_linear_exact
 from lrkernels.roofline import DevicePeaks, dense_linear_cost, int8_linear_cost
 
 try:
-    from lrkernels.quant import quantize
+    from lrkernels.quant import can_pack, pack, quantize
 except ImportError:  # pragma: no cover - the quantizer ships with the library
-    quantize = None
+    can_pack = pack = quantize = None
 
 OP = "int8_linear"
 BASELINE = "torch-bf16-linear"
@@ -74,6 +81,8 @@ ALL_PROVIDERS = [
     "torch-bf16-linear",
     "torch-int8pack-mm",
     "torch-dequant-matmul",
+    "lrkernels-cuda-kernel",
+    "lrkernels-cuda-dequant",
 ]
 PASSES = ("fwd", "dx")
 DISPATCH_PATHS = {
@@ -82,13 +91,20 @@ DISPATCH_PATHS = {
     "lrkernels-cpu": "cpu",
     "torch-dequant-matmul": "torch",
 }
+# The cuda backend's two paths, forced (lrkernels.ops.int8.cuda_path): their times, forward and
+# dx, are the table rows of CUDA_PATH_OP, which move the kernel / dequantize + cuBLAS crossover.
+CUDA_PATH_PROVIDERS = {
+    "lrkernels-cuda-kernel": "kernel",
+    "lrkernels-cuda-dequant": "dequant_matmul",
+}
+CUDA_PATH_MIN_M = 128  # below, the kernel is the only candidate (bytes: 1 vs >= 5 per weight)
 GROUPS = (0, 32, 64, 128)
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192)]
 # (shapes as (out, in), Ms, dtypes, groups) per device and sweep
 SWEEPS = {
     ("cuda", "full"): (
         GPU_SHAPES,
-        [1, 2, 4, 8, 16, 32, 64, 128, 1024, 4096],
+        [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096],
         ["bf16", "fp16"],
         [0, 128],
     ),
@@ -123,9 +139,25 @@ def layout_name(group: int) -> str:
 # ------------------------------------------------------------------------------ providers
 
 
+def _grad_input(backend: str, dy, q, s, path: int = 0):
+    """dx = dy · W as autograd's backward runs it on `backend` (the C++ ops of q's layout, with
+    the cuda path of dy's shape, or the Triton op)."""
+    if backend == "triton":
+        return torch.ops.lrkernels.int8_linear_grad_input_triton(dy, q, s)
+    op = "int8_linear_packed_grad_input" if ops_int8.is_packed(q) else "int8_linear_grad_input"
+    return getattr(torch.ops.lrkernels, op)(dy, q, s, path)
+
+
+def _weights_for_kernels(inp: dict):
+    """(qweight, scales) the library's providers get: the packed weight where --layout packed
+    (what Int8Linear holds on a GPU), else the plain one."""
+    return inp.get("qpacked", inp["qweight"]), inp.get("spacked", inp["scales"])
+
+
 def _backend_provider(name: str, backend: str) -> Provider:
     def build(inp: dict):
-        x, q, s, b = inp["x"], inp["qweight"], inp["scales"], inp["bias"]
+        x, b = inp["x"], inp["bias"]
+        q, s = _weights_for_kernels(inp)
         reasons = backends.not_supported_reasons(OP, backend, x, q, s, b)
         if reasons:
             raise ProviderSkip("; ".join(reasons))
@@ -135,12 +167,37 @@ def _backend_provider(name: str, backend: str) -> Provider:
                 raise ProviderSkip(f"the extension was built without the {OP} {key} kernel")
         if inp["pass"] == "dx":
             dy = inp["dy"]
-            if backend == "triton":
-                op = torch.ops.lrkernels.int8_linear_grad_input_triton
-            else:
-                op = torch.ops.lrkernels.int8_linear_grad_input
-            return lambda: op(dy, q, s)
+            n, k = ops_int8.weight_shape(q, s)
+            path = ops_int8._path_id(dy, n, n, k, True) if backend == "cuda" else 0
+            return lambda: _grad_input(backend, dy, q, s, path)
         return lambda: lrkernels.int8_linear(x, q, s, b, backend=backend)
+
+    return Provider(name, build)
+
+
+def _cuda_path_provider(name: str, path: str) -> Provider:
+    """The cuda backend forced onto one of its two paths (lrkernels.ops.int8.cuda_path): the
+    fused kernel or dequantize + cuBLAS, side by side where the crossover may lie."""
+
+    def build(inp: dict):
+        x, b = inp["x"], inp["bias"]
+        q, s = _weights_for_kernels(inp)
+        if x.device.type != "cuda":
+            raise ProviderSkip("a cuda path: needs a CUDA device")
+        if not _ext.has_kernel_for(OP, "CUDA"):
+            raise ProviderSkip(f"the extension was built without the {OP} CUDA kernel")
+        if inp["shape"]["M"] < CUDA_PATH_MIN_M:
+            raise ProviderSkip(
+                f"M < {CUDA_PATH_MIN_M}: dequantize + cuBLAS moves several times the kernel's "
+                "bytes there; not a crossover candidate"
+            )
+        pid = ops_int8.CUDA_PATHS[path]
+        if inp["pass"] == "dx":
+            dy = inp["dy"]
+            return lambda: _grad_input("cuda", dy, q, s, pid)
+        op = "int8_linear_packed" if ops_int8.is_packed(q) else "int8_linear"
+        fwd = getattr(torch.ops.lrkernels, op)
+        return lambda: fwd(x, q, s, b, pid)
 
     return Provider(name, build)
 
@@ -210,6 +267,7 @@ def make_providers(names: list[str]) -> list[Provider]:
         "torch-bf16-linear": Provider("torch-bf16-linear", _dense_linear, cost=_dense_cost),
         "torch-int8pack-mm": _int8pack_provider({}),
         "torch-dequant-matmul": Provider("torch-dequant-matmul", _dequant_matmul),
+        **{p: _cuda_path_provider(p, path) for p, path in CUDA_PATH_PROVIDERS.items()},
     }
     return [table[n] for n in names]
 
@@ -237,11 +295,21 @@ def _guard_slow(prov: Provider, last: dict[tuple, tuple[int, float]], slow_ms: f
 # ------------------------------------------------------------------------------ cases
 
 
-def make_weights(out_f: int, in_f: int, group: int, dtype, device, bias: bool, seed: int) -> dict:
+def make_weights(
+    out_f: int,
+    in_f: int,
+    group: int,
+    dtype,
+    device,
+    bias: bool,
+    seed: int,
+    layout: str = "packed",
+) -> dict:
     """Seeded int8 weight, scales in `dtype`, the dequantized weight in `dtype` (the dense
-    baseline's operand) and the bias. W ~ N(0, 1/in) is quantized by lrkernels.quant.quantize
-    when the library has it; otherwise q is drawn uniformly from -127..127 with positive scales
-    of the same magnitude."""
+    baseline's operand) and the bias; with `layout` "packed" also the packed weight (layout 2,
+    what Int8Linear holds on a GPU) that the library's providers get. W ~ N(0, 1/in) is
+    quantized by lrkernels.quant.quantize when the library has it; otherwise q is drawn
+    uniformly from -127..127 with positive scales of the same magnitude."""
     g = torch.Generator(device=device).manual_seed(seed)
     if quantize is not None:
         w = torch.randn(out_f, in_f, device=device, generator=g) * in_f**-0.5
@@ -252,13 +320,16 @@ def make_weights(out_f: int, in_f: int, group: int, dtype, device, bias: bool, s
         s_shape = (out_f, in_f // group) if group else (out_f,)
         s = ((torch.rand(s_shape, device=device, generator=g) + 0.5) / (127 * in_f**0.5)).to(dtype)
     b = (torch.randn(out_f, device=device, generator=g) * 0.1).to(dtype) if bias else None
-    return {
+    weights = {
         "qweight": q,
         "scales": s,
         "bias": b,
         "weight": dequantize_reference(q, s, dtype),
-        "wkey": (out_f, in_f, str(dtype), group),
+        "wkey": (out_f, in_f, str(dtype), group, layout),
     }
+    if layout == "packed" and pack is not None and can_pack(in_f):
+        weights["qpacked"], weights["spacked"] = pack(q, s)
+    return weights
 
 
 def make_inputs(weights: dict, M: int, dtype, device, seed: int, pass_: str = "fwd") -> dict:
@@ -268,7 +339,9 @@ def make_inputs(weights: dict, M: int, dtype, device, seed: int, pass_: str = "f
     x = torch.randn(M, in_f, device=device, generator=g).to(dtype)
     group = weights["wkey"][3]
     bias = weights["bias"] is not None and pass_ == "fwd"
+    layout = "packed" if "qpacked" in weights else "plain"
     shape = {"M": M, "out": out_f, "in": in_f, "group": group, "bias": bias, "pass": pass_}
+    shape["layout"] = layout
     inp = {**weights, "x": x, "shape": shape, "pass": pass_}
     if pass_ == "dx":
         inp["dy"] = torch.randn(M, out_f, device=device, generator=g).to(dtype)
@@ -301,6 +374,13 @@ def parse_args(argv):
         help="fwd and/or dx (default: fwd; the full GPU sweep adds dx at M >= 1024)",
     )
     g.add_argument("--no-bias", action="store_true", help="benchmark without bias")
+    g.add_argument(
+        "--layout",
+        choices=("packed", "plain"),
+        default="packed",
+        help="the weight the library's providers get: packed (layout 2, what Int8Linear holds "
+        "on a GPU; default) or plain (layout 1, which the cuda backend packs on every call)",
+    )
     g.add_argument(
         "--slow-ms",
         type=float,
@@ -429,7 +509,11 @@ def targets_summary(rows: list[Row], peaks_by_dtype: dict[str, DevicePeaks]) -> 
         f"M=4096, dx >= 0.9x at M=4096; at M=1 on 8192x8192 and larger >= "
         f"{100 * BANDWIDTH_GOAL:.0f}% of the copy bandwidth"
     ]
-    provs = [p for p in dict.fromkeys(r.provider for r in gpu) if p.startswith("lrkernels-")]
+    provs = [
+        p
+        for p in dict.fromkeys(r.provider for r in gpu)
+        if p.startswith("lrkernels-") and p not in CUDA_PATH_PROVIDERS
+    ]
     if not provs:
         return lines + ["  no lrkernels provider was timed on a GPU"]
 
@@ -486,6 +570,12 @@ def dispatch_features(r: Row) -> dict | None:
     return {"M": s["M"], "in": s["in"], "out": s["out"], "scales": scales}
 
 
+def cuda_path_features(r: Row) -> dict:
+    """The features of CUDA_PATH_OP's table rows: forward and dx alike."""
+    s = r.shape
+    return ops_int8.cuda_path_features(s["M"], s["out"], s["in"], _pass(r) == "dx")
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -524,10 +614,17 @@ def main(argv: list[str] | None = None, extra_providers: list[Provider] | None =
             weights = None  # free the last weight before the peak measurement's buffers
         peaks = run.peaks(dtype)
         wkey = (out_f, in_f, str(dtype), group)
-        if weights is None or weights["wkey"] != wkey:
+        if weights is None or weights["wkey"] != (*wkey, args.layout):
             weights = None
             weights = make_weights(
-                out_f, in_f, group, dtype, run.device, not args.no_bias, args.seed + 1000 * i
+                out_f,
+                in_f,
+                group,
+                dtype,
+                run.device,
+                not args.no_bias,
+                args.seed + 1000 * i,
+                args.layout,
             )
         inp = make_inputs(weights, M, dtype, run.device, args.seed + i, pas)
         check = harness.spread_rows(M, run.device)
@@ -561,7 +658,7 @@ def main(argv: list[str] | None = None, extra_providers: list[Provider] | None =
         del inp, ref
         for r in case_rows:
             if r.ok:
-                last_ms[(r.provider, wkey, pas)] = (M, r.ms_median)
+                last_ms[(r.provider, weights["wkey"], pas)] = (M, r.ms_median)
         where = f"{pas} {out_f}x{in_f} (out x in) {layout_name(group)} M={M} {dtype}"
         print(f"\n[{i + 1}/{len(cases)}] {where.replace('torch.', '')}")
         harness.print_table(case_rows)
@@ -574,8 +671,17 @@ def main(argv: list[str] | None = None, extra_providers: list[Provider] | None =
         plot=lambda path: write_plot(path, rows, run.device_type, run.label),
         truncated=truncated,
         headline=is_headline,
-        dispatch_entries=lambda: harness.dispatch_entries(
-            rows, op=OP, paths=DISPATCH_PATHS, features=dispatch_features, device=run.device
+        dispatch_entries=lambda: (
+            harness.dispatch_entries(
+                rows, op=OP, paths=DISPATCH_PATHS, features=dispatch_features, device=run.device
+            )
+            + harness.dispatch_entries(
+                rows,
+                op=ops_int8.CUDA_PATH_OP,
+                paths=CUDA_PATH_PROVIDERS,
+                features=cuda_path_features,
+                device=run.device,
+            )
         ),
     )
 

@@ -234,6 +234,12 @@ def decide(op: str, *args, **kwargs) -> tuple[tuple[str, ...], str, dict | None]
     return _with_torch_last(order), "rule: " + why, None
 
 
+def table_row(op: str, device: torch.device, dtype: torch.dtype, shape_class: str) -> dict | None:
+    """The table's row for a key, or None: for choices below the backend level (e.g. the two
+    paths of int8_linear's cuda backend, `lrkernels.ops.int8.cuda_path`)."""
+    return _TABLE.get((op, device_key(device), dtype_name(dtype), shape_class))
+
+
 def preference(op: str, *args, **kwargs) -> tuple[str, ...]:
     """The backends auto selection tries, in order (the first that supports the inputs runs)."""
     return decide(op, *args, **kwargs)[0]

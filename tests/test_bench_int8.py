@@ -140,7 +140,7 @@ def test_case_order_puts_the_headline_first_and_drops_bad_groups(capsys):
     assert cases[: len(first)] == first
     fwd = [c[4] for c in first if c[5] == "fwd"]
     assert fwd == sorted(fwd) and [c[4] for c in first if c[5] == "dx"] == [1024, 4096]
-    assert len(cases) == 5 * (10 + 2) * 2 * 2  # the full GPU sweep adds dx at M >= 1024
+    assert len(cases) == 5 * (12 + 2) * 2 * 2  # the full GPU sweep adds dx at M >= 1024
     cases = bench_int8.build_cases(
         _args(shapes=["64x96,32x128"], group=["0", "64"], M=["16", "1"], dtype=["fp32"]), "cpu"
     )

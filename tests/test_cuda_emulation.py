@@ -184,6 +184,29 @@ def lowrank_sweep(rng: random.Random, n: int) -> list[str]:
     return cases
 
 
+def test_int8_plans_cover_two_ctas_per_sm(monkeypatch):
+    """The tensor-core plan at the benchmark's decode / small-batch shapes on 132 SMs (plan mode:
+    the launches are recorded, not run): split-K brings the grid to >= 2 CTAs per SM (the
+    issue's ">= 2 waves of the SM count") and no further than one resident wave (4 CTAs of 16
+    rows or 3 of 64 rows per SM), both directions."""
+    monkeypatch.setenv("EMU_PLAN_ONLY", "1")
+    shapes = [(n, k) for n, k in ((4096, 4096), (8192, 8192), (11008, 4096), (4096, 11008))]
+    lines = [
+        f"op=mma dtype=bf16 dir={d} M={m} N={n} K={k} group={g} sms=132"
+        for n, k in shapes
+        for m in (1, 16, 64)
+        for d in ("fwd", "tr")
+        for g in (0, 128)
+    ]
+    proc = run_binary(binary("int8", "asan"), "\n".join(lines) + "\n")
+    grids = [int(ln.split("grid=")[1].split(",")[0]) for ln in proc.stdout.splitlines() if
+             ln.startswith("plan ")]  # fmt: skip
+    assert len(grids) == len(lines), proc.stdout + proc.stderr[-2000:]
+    for line, grid in zip(lines, grids, strict=True):
+        resident = 132 * (4 if " M=64 " not in line else 3)
+        assert 2 * 132 <= grid <= resident, (line, grid)
+
+
 # Small shapes that still reach every barrier-separated phase and the inter-block reduction
 # (partials written by other blocks, ordered by the counter's atomics).
 LOWRANK_TSAN = [

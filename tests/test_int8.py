@@ -331,6 +331,48 @@ def test_cuda_path_choice(monkeypatch):
         ops_int8.cuda_path(1, 8, 8, torch.float16)
 
 
+def test_cuda_path_follows_a_measured_table_row(monkeypatch, tmp_path):
+    """A GPU run's rows for int8_linear.cuda_path move the crossover, per (device, dtype,
+    class, pass); a shape without a row keeps the rule."""
+    from lrkernels import dispatch
+    from lrkernels.ops import int8 as ops_int8
+
+    monkeypatch.delenv("LRKERNELS_INT8_CUDA_PATH", raising=False)
+    dev = torch.device("cpu")  # any device key: a GPU run writes "cuda:<its name>"
+    f = ops_int8.cuda_path_features(300, 4096, 4096, False)
+    measured = [{"shape": "M=300", "ms": {"kernel": 0.030, "dequant_matmul": 0.021}}]
+    entries = [
+        {
+            "op": ops_int8.CUDA_PATH_OP,
+            "device": dispatch.device_key(dev),
+            "dtype": "bfloat16",
+            "class": ops_int8.cuda_path_class(f),
+            "shape": m["shape"],
+            "ms": m["ms"],
+            "excluded": {},
+        }
+        for m in measured
+    ]
+    table, rows = dispatch.merge_rows({"rows": []}, entries, source={"commit": "abc1234"})
+    assert rows[0]["order"] == ["dequant_matmul", "kernel", "torch"]
+    path = tmp_path / "table.json"
+    dispatch.write_table(path, table)
+    bf16 = torch.bfloat16
+    assert ops_int8.cuda_path(300, 4096, 4096, bf16, device=dev) == "kernel"  # the rule
+    dispatch.use_table(path)
+    try:
+        got, why = ops_int8.cuda_path_choice(300, 4096, 4096, bf16, device=dev)
+        assert (got, why) == ("dequant_matmul", "table: measured dequant_matmul > kernel")
+        # the same class, another pass / dtype / device: no row, the rule
+        assert ops_int8.cuda_path(300, 4096, 4096, bf16, transposed=True, device=dev) == "kernel"
+        assert ops_int8.cuda_path(300, 4096, 4096, torch.float16, device=dev) == "kernel"
+        assert ops_int8.cuda_path(300, 4096, 4096, bf16) == "kernel"
+        monkeypatch.setenv("LRKERNELS_INT8_CUDA_PATH", "kernel")  # forcing still wins
+        assert ops_int8.cuda_path(300, 4096, 4096, bf16, device=dev) == "kernel"
+    finally:
+        dispatch.use_table(None)
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("path", ["kernel", "dequant_matmul"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

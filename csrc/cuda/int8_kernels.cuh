@@ -66,7 +66,7 @@ struct Int8MmaPlan {
   int64_t n_tiles;
   int64_t tiles;
   int64_t steps;            // ceil(R / 64)
-  int64_t steps_per_split;  // every split has at least one step
+  int64_t steps_per_split;  // the longest split (steps / splits, one more for steps % splits)
   int splits;
   int64_t grid;
   size_t smem_bytes;        // dynamic shared memory per CTA
@@ -86,10 +86,15 @@ inline int64_t int8_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // warps would halve the weight's shared-memory traffic per MMA, but with 2 CTAs per SM its
 // 128-register cap spills; 3 CTAs of the 64-row tile give the same 12 warps per SM.) Memory-bound
 // shapes need every SM streaming and the tiles alone rarely give that at small M (N = 4096: 32
-// tiles), so the reduction is split until the grid reaches 2 CTAs per SM, all resident at once
-// (slots = SMs x blocks_per_sm >= that), so no tail wave. Limits: >= 4 steps (256 of the
-// reduction) per split, relaxed to 2 when the tiles would leave most SMs idle; the reducing CTA
-// reads at most ~128 KiB of partials per tile (the serial tail, ~1 us from L2).
+// tiles), so the reduction is split until the grid covers at least 2 CTAs per SM (>= 2 waves of
+// the SM count), all resident at once (grid <= slots = SMs x blocks_per_sm: no tail wave).
+// Among the split counts that do, the plan takes the one that loads the SMs most evenly: the
+// least ceil(grid / SMs) / splits (the busiest SM's CTAs, each 1/splits of a tile's work; N =
+// 4096 at M = 64: 9 splits -> 288 CTAs, 3 on some SMs, 0.33 of a tile each; 12 -> 384, 0.25),
+// the fewest splits on a tie. Limits: >= 4 steps (256 of the reduction) per split, relaxed to 2
+// when the tiles would leave most SMs idle; the reducing CTA reads at most 256 KiB of partials
+// per tile (the serial tail: splits - 1 rounds of up to 32 KiB from L2, every load of a round in
+// flight at once, ~0.2 us each).
 inline Int8MmaPlan int8_mma_plan(const Int8MmaArgs& a, int num_sms) {
   Int8MmaPlan p{};
   const int64_t R = a.transposed ? a.N : a.K;
@@ -107,24 +112,33 @@ inline Int8MmaPlan int8_mma_plan(const Int8MmaArgs& a, int num_sms) {
   int64_t splits = 1;
   if (a.splits > 0) {
     splits = a.splits;
-  } else {
+  } else if (p.tiles > 0 && p.tiles < 2 * sms) {
     const int64_t slots = sms * p.blocks_per_sm;
-    const int64_t target = slots < 2 * sms ? slots : 2 * sms;
-    if (p.tiles > 0 && p.tiles < target) {
-      splits = target / p.tiles;
-      const int64_t min_steps = p.tiles * 2 < sms ? 2 : 4;
-      splits = splits < p.steps / min_steps ? splits : p.steps / min_steps;
-      // Partials read by the reducing CTA: (splits - 1) x rows x 128 x 4 bytes <= 128 KiB.
-      const int64_t rows = a.M < 1 ? 1 : (a.M < p.bm ? a.M : p.bm);
-      const int64_t cap = 1 + (128 * 1024) / (rows * p.bn * 4);
-      splits = splits < cap ? splits : cap;
+    const int64_t min_steps = p.tiles * 2 < sms ? 2 : 4;
+    // Partials read by the reducing CTA: (splits - 1) x rows x 128 x 4 bytes <= 256 KiB.
+    const int64_t rows = a.M < 1 ? 1 : (a.M < p.bm ? a.M : p.bm);
+    int64_t hi = 1 + (256 * 1024) / (rows * p.bn * 4);
+    hi = hi < p.steps / min_steps ? hi : p.steps / min_steps;
+    hi = hi < slots / p.tiles ? hi : slots / p.tiles;
+    hi = hi < kInt8MmaMaxSplits ? hi : kInt8MmaMaxSplits;
+    const int64_t lo = int8_ceil_div(2 * sms, p.tiles);
+    // Without a count in [lo, hi] (short reductions), as many as the limits allow.
+    splits = hi > 1 ? hi : 1;
+    int64_t best_num = 0, best_den = 1;  // ceil(grid / SMs) / splits as a fraction
+    for (int64_t s = lo; s <= hi; ++s) {
+      const int64_t busiest = int8_ceil_div(p.tiles * s, sms);
+      if (best_num == 0 || busiest * best_den < best_num * s) {
+        best_num = busiest;
+        best_den = s;
+        splits = s;
+      }
     }
   }
   if (splits > kInt8MmaMaxSplits) splits = kInt8MmaMaxSplits;
   if (splits > p.steps) splits = p.steps;
   if (splits < 1) splits = 1;
-  p.steps_per_split = int8_ceil_div(p.steps, splits);
-  p.splits = static_cast<int>(int8_ceil_div(p.steps, p.steps_per_split));  // none empty
+  p.splits = static_cast<int>(splits);
+  p.steps_per_split = int8_ceil_div(p.steps, splits);  // the longest split
   p.grid = p.tiles * p.splits;
   const size_t stage = static_cast<size_t>(p.bm) * kInt8MmaBK * 2  // activations
                        + static_cast<size_t>(p.bn) * kInt8MmaBK    // int8 weights

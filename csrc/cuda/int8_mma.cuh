@@ -30,8 +30,9 @@
 //     tile kBM x 32 (kBM = 16 for M <= 16, else 64).
 //   * Split-K in one launch: each of `splits` CTAs of a tile writes its float32 partial sums (in
 //     fragment order: coalesced, rows >= M skipped) to the workspace, then increments the tile's
-//     counter; the last one adds all partials in split order 0, 1, ... (its own from registers):
-//     deterministic, no atomics on values. It resets the counter for the next launch.
+//     counter; the last one adds all partials in split order 0, 1, ... (its own read back too),
+//     one whole partial per round (all its loads in flight): deterministic, no atomics on
+//     values. It resets the counter for the next launch.
 //   * Epilogue from registers: (per-channel scale,) bias, one rounding, 32-bit pair stores.
 //
 // Expected performance (H100/H200 SXM, bf16, 4.3 TB/s copy, ~660 TFLOP/s mma.sync; to be
@@ -100,7 +101,7 @@ struct Params {
   int64_t M, N, R, C;
   int64_t n_tiles;
   int splits;
-  int64_t steps, steps_per_split;
+  int64_t steps;
   float* ws;      // splits > 1: grid x kBM x kBN partial sums
   int* counters;  // splits > 1: one per tile
   bool pair_stores;
@@ -311,8 +312,11 @@ __global__ void __launch_bounds__(Cfg<kBM>::kThreads, Cfg<kBM>::kMinBlocks)
   const int64_t tile = bid / p.splits;
   const int64_t m0 = (tile / p.n_tiles) * kBM;
   const int64_t c0 = (tile % p.n_tiles) * kBN;
-  const int64_t st0 = split * p.steps_per_split;
-  const int nst = static_cast<int>(util::min64(p.steps_per_split, p.steps - st0));
+  // Split `split` covers steps [st0, st0 + nst): steps / splits each, the first steps % splits
+  // splits one more (the plan keeps splits <= steps: none is empty).
+  const int64_t per_split = p.steps / p.splits, extra = p.steps % p.splits;
+  const int64_t st0 = split * per_split + util::min64(split, extra);
+  const int nst = static_cast<int>(per_split + (split < extra ? 1 : 0));
 
   float acc[Cf::kFM][4][4];
 #pragma unroll
@@ -375,26 +379,43 @@ __global__ void __launch_bounds__(Cfg<kBM>::kThreads, Cfg<kBM>::kMinBlocks)
     __syncthreads();
     if (!last_split) return;
     __threadfence();
+    // The sum in split order 0, 1, ... (its own partial read back too, so the order never
+    // depends on which CTA came last: deterministic). Splits outermost, so that each round
+    // issues all of a partial's loads at once (kFM x 8 per thread) instead of one load chain
+    // per fragment element.
     const float* first = p.ws + static_cast<size_t>(tile) * p.splits * block_floats;
 #pragma unroll
     for (int i = 0; i < Cf::kFM; ++i) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if (row0 + 16 * i + 8 * h < p.M) {
+        for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
+      }
+    }
+    for (int s = 0; s < p.splits; ++s) {
+      const float* part = first + s * block_floats;
+      float2 v[Cf::kFM][4][2];
+#pragma unroll
+      for (int i = 0; i < Cf::kFM; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
             const size_t off = ((static_cast<size_t>(i * 4 + j) * 2 + h) * Cf::kThreads + tid) * 2;
-            float2 sum = make_float2(0.f, 0.f);
-            for (int s = 0; s < p.splits; ++s) {  // fixed order: deterministic
-              const float2 v =
-                  s == split
-                      ? make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1])
-                      : __ldcg(reinterpret_cast<const float2*>(first + s * block_floats + off));
-              sum.x += v.x;
-              sum.y += v.y;
-            }
-            acc[i][j][2 * h] = sum.x;
-            acc[i][j][2 * h + 1] = sum.y;
+            v[i][j][h] = row0 + 16 * i + 8 * h < p.M
+                             ? __ldcg(reinterpret_cast<const float2*>(part + off))
+                             : make_float2(0.f, 0.f);
+          }
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < Cf::kFM; ++i) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            acc[i][j][2 * h] += v[i][j][h].x;
+            acc[i][j][2 * h + 1] += v[i][j][h].y;
           }
         }
       }
@@ -489,7 +510,6 @@ cudaError_t launch_direction(const Int8MmaArgs& a, const Int8MmaPlan& plan, floa
   p.n_tiles = plan.n_tiles;
   p.splits = plan.splits;
   p.steps = plan.steps;
-  p.steps_per_split = plan.steps_per_split;
   p.ws = ws;
   p.counters = counters;
   p.pair_stores = (reinterpret_cast<uintptr_t>(a.y) & 3u) == 0 && a.ldy % 2 == 0;

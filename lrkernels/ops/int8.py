@@ -44,30 +44,92 @@ _POISON = os.environ.get("LRKERNELS_POISON_OUTPUT") == "1"
 
 #: The two ways the cuda backend computes the product, and their ``path`` ids in the C++ ops.
 CUDA_PATHS = {"kernel": 1, "dequant_matmul": 2}
-#: From this many rows (M = x.numel() / in_features) on, `cuda_path` dequantizes once to the
-#: activation dtype and calls cuBLAS. Conservative default, not a measurement: the fused
-#: kernel's mma.sync tops out near 2/3 of cuBLAS's wgmma rate, so it should lose once the product
-#: is compute-bound; the crossover is expected between M = 256 and 512 on an H100/H200 (to be
-#: measured by bench/int8.py; the dispatch table will replace this rule).
+#: Where the measured dispatch table has no row for the shape, from this many rows
+#: (M = x.numel() / in_features) on `cuda_path` dequantizes once to the activation dtype and calls
+#: cuBLAS. Conservative default, not a measurement: the fused kernel's mma.sync tops out near 2/3
+#: of cuBLAS's wgmma rate, so it should lose once the product is compute-bound; the crossover is
+#: expected between M = 256 and 512 on an H100/H200.
 DEQUANT_MATMUL_MIN_ROWS = 512
+#: The dispatch-table op under which `bench/int8.py` records the two cuda paths side by side
+#: (providers lrkernels-cuda-kernel / lrkernels-cuda-dequant, "backends" kernel / dequant_matmul;
+#: forward and input gradient), so that a GPU run's `--write-table` moves the crossover.
+CUDA_PATH_OP = "int8_linear.cuda_path"
 
 
-def cuda_path(m: int, n: int, k: int, dtype: torch.dtype, *, transposed: bool = False) -> str:
-    """How the cuda backend runs an ``(m x k) · (k x n)`` int8 product (``transposed``: the input
-    gradient, ``(m x n) · (n x k)``): ``"kernel"`` (the fused tensor-core kernel: the weight
-    streams as int8) or ``"dequant_matmul"`` (W dequantized once to ``dtype``, then cuBLAS).
+def cuda_path_features(m: int, n: int, k: int, transposed: bool) -> dict:
+    """The table features of an int8 product on the cuda backend: rows M, the weight's
+    ``in`` (K) and ``out`` (N), and the pass (``"dx"``: the input gradient)."""
+    return {"M": m, "in": k, "out": n, "pass": "dx" if transposed else "fwd"}
 
-    The one place this choice is made: the conservative rule ``m >= DEQUANT_MATMUL_MIN_ROWS``
-    until the measured dispatch table takes over. ``LRKERNELS_INT8_CUDA_PATH=kernel`` or
-    ``=dequant_matmul`` forces one (benchmarks, A/B checks)."""
+
+def cuda_path_class(f) -> str:
+    return f"{dispatch.linear_class(f)} pass={f['pass']}"
+
+
+def _cuda_path_rule(device: str, dtype: str, f) -> tuple[tuple[str, ...], str]:
+    if f["M"] >= DEQUANT_MATMUL_MIN_ROWS:
+        return ("dequant_matmul", "kernel"), f"rule: M >= {DEQUANT_MATMUL_MIN_ROWS}"
+    return ("kernel", "dequant_matmul"), f"rule: M < {DEQUANT_MATMUL_MIN_ROWS}"
+
+
+dispatch.register_op(
+    CUDA_PATH_OP,
+    features=lambda m, n, k, transposed: cuda_path_features(m, n, k, transposed),
+    shape_class=cuda_path_class,
+    rule=_cuda_path_rule,
+)
+
+
+def cuda_path_choice(
+    m: int,
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    *,
+    transposed: bool = False,
+    device: torch.device | None = None,
+) -> tuple[str, str]:
+    """(path, why) of `cuda_path`."""
     forced = os.environ.get("LRKERNELS_INT8_CUDA_PATH")
     if forced:
         if forced not in CUDA_PATHS:
             raise ValueError(
                 f"LRKERNELS_INT8_CUDA_PATH must be one of {sorted(CUDA_PATHS)}, got {forced!r}"
             )
-        return forced
-    return "dequant_matmul" if m >= DEQUANT_MATMUL_MIN_ROWS else "kernel"
+        return forced, "forced by LRKERNELS_INT8_CUDA_PATH"
+    f = cuda_path_features(m, n, k, transposed)
+    if device is not None:
+        row = dispatch.table_row(CUDA_PATH_OP, device, dtype, cuda_path_class(f))
+        first = next((p for p in row["order"] if p in CUDA_PATHS), None) if row else None
+        if first is not None:
+            return first, "table: measured " + " > ".join(
+                p for p in row["order"] if p in CUDA_PATHS
+            )
+    order, why = _cuda_path_rule("cuda", dispatch.dtype_name(dtype), f)
+    return order[0], why
+
+
+def cuda_path(
+    m: int,
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    *,
+    transposed: bool = False,
+    device: torch.device | None = None,
+) -> str:
+    """How the cuda backend runs an ``(m x k) · (k x n)`` int8 product (``transposed``: the input
+    gradient, ``(m x n) · (n x k)``): ``"kernel"`` (the fused tensor-core kernel: the weight
+    streams as int8) or ``"dequant_matmul"`` (W dequantized once to ``dtype``, then cuBLAS).
+
+    The one place this choice is made: the measured dispatch table's row for
+    (`CUDA_PATH_OP`, `device`, dtype, shape class and pass) where it has one (written by
+    ``bench/int8.py --write-table`` / ``scripts/gpu_run.sh``), else the conservative rule
+    ``m >= DEQUANT_MATMUL_MIN_ROWS`` (float32 always dequantizes, in the C++ op: no float32
+    kernel).
+    ``LRKERNELS_INT8_CUDA_PATH=kernel`` or ``=dequant_matmul`` forces one (benchmarks, A/B
+    checks)."""
+    return cuda_path_choice(m, n, k, dtype, transposed=transposed, device=device)[0]
 
 
 def _path_id(act: Tensor, features: int, n: int, k: int, transposed: bool) -> int:
@@ -75,7 +137,7 @@ def _path_id(act: Tensor, features: int, n: int, k: int, transposed: bool) -> in
     if not act.is_cuda:
         return 0
     m = math.prod(act.shape[:-1])
-    return CUDA_PATHS[cuda_path(m, n, k, act.dtype, transposed=transposed)]
+    return CUDA_PATHS[cuda_path(m, n, k, act.dtype, transposed=transposed, device=act.device)]
 
 
 def is_packed(qweight: Tensor) -> bool:
@@ -306,9 +368,10 @@ def _dispatch_rule(device: str, dtype: str, f) -> tuple[tuple[str, ...], str]:
                 "both ahead of the torch path, which dequantizes the whole weight every call"
             )
         return ("cuda", "torch"), (
-            "M > 256: the cuda backend's own choice (lrkernels.ops.int8.cuda_path): its kernel "
-            "below M = 512, above that one dequantize pass + cuBLAS, which the torch path "
-            "(several dequantize ops) cannot beat; torch where cuda cannot run"
+            "M > 256: the cuda backend's own choice (lrkernels.ops.int8.cuda_path: the "
+            "measured int8_linear.cuda_path row, else its kernel below M = 512 and one "
+            "dequantize pass + cuBLAS above), which the torch path (several dequantize ops) "
+            "cannot beat; torch where cuda cannot run"
         )
     return (
         "torch",

@@ -63,7 +63,7 @@ void pack_layout2(const int8_t* q, int64_t N, int64_t K, int8_t* out) {
 
 std::string plan_problem(const Int8MmaPlan& p) {
   if (p.grid != p.tiles * p.splits) return "plan: grid != tiles x splits";
-  if (p.splits < 1 || (p.splits - 1) * p.steps_per_split >= p.steps) return "plan: an empty split";
+  if (p.splits < 1 || (p.steps > 0 && p.splits > p.steps)) return "plan: an empty split";
   if (p.splits > 1 && (p.counters != p.tiles || p.workspace_floats == 0))
     return "plan: split-K without workspace";
   return "";
