@@ -265,6 +265,21 @@ _MMA_FLOPS_PER_US = {"wgmma": 5.5e8, "mma": 3.0e8, "fp32": 2.5e7}
 _SM_L2_BYTES_PER_US = 1.0e5  # into one SM: the last program's reduction
 _WAVE_US = 1.0
 _REF_SMS = 132
+_RESIDENT_PER_SM = 2  # programs an SM holds at once (the waves below assume as much)
+_LATENCY_WARPS = 8  # resident warps an SM needs to keep dot latencies covered
+# A grid of >= 2 programs per SM is taken when its estimate is at most this factor of the best
+# (csrc/cuda/lowrank_kernels.cuh: the same rule).
+_FILL_MARGIN = 1.10
+
+
+def _mma_spread(programs: int, warps: int, sms: int) -> float:
+    """Factor on a perfectly spread MMA time: the busiest SM runs ceil(programs / SMs)
+    programs against a mean of programs / SMs (1 / fill below one per SM), and fewer than
+    _LATENCY_WARPS resident warps leave dot latency exposed."""
+    programs = max(programs, 1)
+    busiest = _cdiv(programs, sms)
+    occupancy = min(1.0, min(busiest, _RESIDENT_PER_SM) * warps / _LATENCY_WARPS)
+    return busiest * sms / programs / occupancy
 
 
 def _smem_estimate(kind: str, config: tuple, esize: int) -> int:
@@ -303,9 +318,10 @@ def _down_cost(M: int, K: int, R: int, cfg: tuple, splits: int, kind: str, sms: 
     l2 = (x_b * rc + v_b * rt + 2 * part_b) / (_L2_BYTES_PER_US * scale)
     mma = 2.0 * rt * bm * rc * br * K / (_mma_rate(kind, bm) * scale)
     fill = min(1.0, programs / sms)
-    waves = _cdiv(programs, 2 * sms)
+    spread = _mma_spread(programs, cfg[3], sms)
+    waves = _cdiv(programs, _RESIDENT_PER_SM * sms)
     reduce = 4.0 * splits * min(M, bm) * br / _SM_L2_BYTES_PER_US if splits > 1 else 0.0
-    return max(hbm, l2, mma) / fill + _WAVE_US * waves + reduce
+    return max(hbm / fill, l2 / fill, mma * spread) + _WAVE_US * waves + reduce
 
 
 def _up_cost(M: int, N: int, ldt: int, cfg: tuple, kind: str, sms: int) -> float:
@@ -318,7 +334,10 @@ def _up_cost(M: int, N: int, ldt: int, cfg: tuple, kind: str, sms: int) -> float
     l2 = (u_b * rt + t_b * nt + y_b) / (_L2_BYTES_PER_US * scale)
     mma = 2.0 * rt * bm * nt * bn * ldt / (_mma_rate(kind, bm) * scale)
     fill = min(1.0, rt * nt / sms)
-    return max(hbm, l2, mma) / fill + _WAVE_US * _cdiv(rt * nt, 2 * sms)
+    spread = _mma_spread(rt * nt, cfg[3], sms)
+    return max(hbm / fill, l2 / fill, mma * spread) + _WAVE_US * _cdiv(
+        rt * nt, _RESIDENT_PER_SM * sms
+    )
 
 
 def _slice_for(K: int, splits: int, align: int) -> tuple[int, int]:
@@ -334,13 +353,15 @@ def _choose_config_cached(
     kind = "fp32" if dtype == torch.float32 else "16bit"
     esize = 4 if kind == "fp32" else 2
     M = max(M, 1)
-    best = None
+    # The cheapest (tile, split) by the cost model, except that a grid of >= 2 programs per SM
+    # is preferred within _FILL_MARGIN of it (closer than the model can tell apart).
+    best = filling = None
     for cfg in _DOWN_CONFIGS[kind]:
         if _smem_estimate("down", cfg, esize) > smem_budget:
             continue
         bm, br, bk = cfg[:3]
         base = _cdiv(M, bm) * _cdiv(R, br)
-        max_splits = max(1, min(_cdiv(2 * num_sms, base), _cdiv(K, 2 * bk), 64))
+        max_splits = max(1, min(_cdiv(3 * num_sms, base), _cdiv(K, 2 * bk), 64))
         seen = set()
         for request in range(1, max_splits + 1):
             slice_len, splits = _slice_for(K, request, bk)
@@ -350,6 +371,11 @@ def _choose_config_cached(
             cost = _down_cost(M, K, R, cfg, splits, kind, num_sms)
             if best is None or cost < best[0]:
                 best = (cost, cfg, splits, slice_len)
+            fills = num_sms > 1 and base * splits >= 2 * num_sms
+            if fills and (filling is None or cost < filling[0]):
+                filling = (cost, cfg, splits, slice_len)
+    if filling is not None and filling[0] <= _FILL_MARGIN * best[0]:
+        best = filling
     if best is None:  # nothing fits the budget: the smallest tiles
         cfg = _DOWN_CONFIGS[kind][0]
         best = (0.0, cfg, 1, _cdiv(K, cfg[2]) * cfg[2])

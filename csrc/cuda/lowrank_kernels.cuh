@@ -137,8 +137,29 @@ constexpr double kSmL2BytesPerUs = 1.0e5;  // 100 GB/s into one SM (the last blo
 constexpr double kWaveUs = 1.0;            // per wave: DRAM latency + pipeline fill + epilogue
 constexpr double kRefSms = 132;
 
+// Warps an SM needs resident to keep mma.sync / ldmatrix / cp.async latencies covered (below,
+// the MMA rate falls in proportion).
+constexpr double kLatencyWarps = 8;
+// A grid of >= 2 blocks per SM is taken when its estimate is at most this factor of the best.
+constexpr double kFillMargin = 1.10;
+
+// Share of its MMA rate an SM reaches, and how much longer the busiest SM works than the mean,
+// for `blocks` blocks of `warps` warps, at most `per_sm` resident per SM: the factor the MMA time
+// of a perfectly spread grid is multiplied by. Below one block per SM it is 1 / fill (idle SMs);
+// above, the busiest SM runs ceil(blocks / SMs) blocks against a mean of blocks / SMs (288
+// blocks on 132 SMs: 3 on some, 2.18 on average), and too few resident warps per SM (one 4-warp
+// block) leave MMA latency exposed.
+inline double mma_spread(int64_t blocks, int warps, int per_sm, int num_sms) {
+  const int64_t busiest = cdiv(std::max<int64_t>(blocks, 1), num_sms);
+  const double imbalance = static_cast<double>(busiest) * num_sms / std::max<int64_t>(blocks, 1);
+  const int64_t resident = std::min<int64_t>(busiest, per_sm);
+  const double occupancy = std::min(1.0, static_cast<double>(resident * warps) / kLatencyWarps);
+  return imbalance / occupancy;
+}
+
 // Estimated microseconds of `down` for a tile and split count (a cost model: bytes through HBM
-// and L2, MMA time, GPU fill, waves, and the critical path of the last block's reduction).
+// and L2 over the SMs that have work, MMA time spread over the busiest SM, waves, and the critical
+// path of the last block's reduction).
 inline double down_cost_us(int64_t M, int64_t in, int64_t rank, Tile tile, int64_t splits,
                            int num_sms) {
   const TileDims d = tile_dims(tile);
@@ -151,10 +172,11 @@ inline double down_cost_us(int64_t M, int64_t in, int64_t rank, Tile tile, int64
   const double l2 = (x_b * rc + v_b * rt + 2 * partial_b) / (kL2BytesPerUs * scale);
   const double mma = 2.0 * rt * d.bm * rc * d.bn * in / (kMmaFlopsPerUs * scale);
   const double fill = std::min(1.0, static_cast<double>(blocks) / num_sms);
+  const double spread = mma_spread(blocks, d.threads / 32, d.blocks_per_sm, num_sms);
   const int64_t waves = cdiv(blocks, static_cast<int64_t>(num_sms) * d.blocks_per_sm);
   const double rows = static_cast<double>(std::min<int64_t>(M, d.bm));
   const double reduce = splits > 1 ? 4.0 * splits * rows * d.bn / kSmL2BytesPerUs : 0.0;
-  return std::max({hbm, l2, mma}) / fill + kWaveUs * waves + reduce;
+  return std::max({hbm / fill, l2 / fill, mma * spread}) + kWaveUs * waves + reduce;
 }
 
 inline double up_cost_us(int64_t M, int64_t out, int64_t ldt, Tile tile, int num_sms) {
@@ -166,8 +188,9 @@ inline double up_cost_us(int64_t M, int64_t out, int64_t ldt, Tile tile, int num
   const double l2 = (u_b * rt + t_b * nt + y_b) / (kL2BytesPerUs * scale);
   const double mma = 2.0 * rt * d.bm * nt * d.bn * ldt / (kMmaFlopsPerUs * scale);
   const double fill = std::min(1.0, static_cast<double>(rt * nt) / num_sms);
+  const double spread = mma_spread(rt * nt, d.threads / 32, d.blocks_per_sm, num_sms);
   const int64_t waves = cdiv(rt * nt, static_cast<int64_t>(num_sms) * d.blocks_per_sm);
-  return std::max({hbm, l2, mma}) / fill + kWaveUs * waves;
+  return std::max({hbm / fill, l2 / fill, mma * spread}) + kWaveUs * waves;
 }
 
 // Slices of `in` for a requested split count: equal slices, a multiple of `align` long, none
@@ -228,38 +251,49 @@ inline LowRankPlan plan_lowrank(const LowRankArgs& args, const DeviceCaps& dev,
     p.x_layout = p.v_layout = Layout::kStrided;  // one generic down kernel for odd layouts
   }
 
-  // down: the (tile, split) with the lowest estimated time. Candidates: every tile, and split
-  // counts up to 2 blocks per SM, slices >= 4 k steps (128 elements: a full 4-stage pipeline).
+  // down: the (tile, split) with the lowest estimated time, except that a grid of at least 2
+  // blocks per SM (>= 2 waves of the SM count: latency hiding, an even load) is preferred when
+  // the model puts it within kFillMargin of the best: closer than the model can tell apart.
+  // Candidates: every tile, and split counts up to 3 blocks per SM, slices >= 4 k steps (128
+  // elements: a full 4-stage pipeline). Decode shapes have fewer such units of work than 2 x SMs
+  // (in = 4096, rank 64, M <= 16: 2 rank chunks x 32 slices): there every unit is a block, all
+  // of them resident, every copy issued at once. Where more splits cost more than the margin
+  // (the serial reduction of many partials by one block, e.g. M = 1024, rank 64: 19 slices),
+  // the grid stays under 2 blocks per SM.
   const Tile tiles[3] = {Tile::k16, Tile::k64, Tile::k128};
-  double best = -1;
+  struct Choice {
+    double cost = -1;
+    Tile tile = Tile::k16;
+    int64_t splits = 1, slice = 0;
+  } any, filling;
   for (const Tile tile : tiles) {
     if (opt.tile >= 0 && static_cast<int>(tile) != opt.tile) continue;
     const TileDims d = tile_dims(tile);
     const int64_t base = cdiv(M, d.bm) * cdiv(a.rank, d.bn);
     const int64_t max_splits = std::max<int64_t>(
-        1, std::min<int64_t>({cdiv(2 * sms, std::max<int64_t>(base, 1)), cdiv(a.in, 128), 64}));
+        1, std::min<int64_t>({cdiv(3 * sms, std::max<int64_t>(base, 1)), cdiv(a.in, 128), 64}));
     int64_t prev = 0;
     for (int64_t s = 1; s <= max_splits; ++s) {
       int64_t splits = opt.splits > 0 ? opt.splits : s;
       const int64_t slice = slice_for(a.in, &splits, kTcBK);
       if (splits == prev) continue;  // the same slicing as a smaller request
       prev = splits;
-      const double cost = down_cost_us(M, a.in, a.rank, tile, splits, sms);
-      if (best < 0 || cost < best) {
-        best = cost;
-        p.down_tile = tile;
-        p.splits = static_cast<int>(splits);
-        p.slice = slice;
-      }
+      const Choice c{down_cost_us(M, a.in, a.rank, tile, splits, sms), tile, splits, slice};
+      if (any.cost < 0 || c.cost < any.cost) any = c;
+      if (base * splits >= 2 * sms && (filling.cost < 0 || c.cost < filling.cost)) filling = c;
       if (opt.splits > 0) break;
     }
   }
+  const Choice& down = filling.cost >= 0 && filling.cost <= kFillMargin * any.cost ? filling : any;
+  p.down_tile = down.tile;
+  p.splits = static_cast<int>(down.splits);
+  p.slice = down.slice;
   const TileDims dd = tile_dims(p.down_tile);
   p.row_tiles = cdiv(M, dd.bm);
   p.rank_chunks = cdiv(a.rank, dd.bn);
   p.ldt = p.rank_chunks * dd.bn;  // a multiple of 32: whole k steps for `up`
 
-  best = -1;
+  double best = -1;
   for (const Tile tile : tiles) {
     if (opt.tile >= 0 && static_cast<int>(tile) != opt.tile) continue;
     const double cost = up_cost_us(M, a.out, p.ldt, tile, sms);
