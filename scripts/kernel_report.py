@@ -186,16 +186,8 @@ def triton_part(python: str) -> dict:
 # Spills known and accepted for now: CUDA kernel (short name) -> (most LDL, most STL in its SASS,
 # why). Listed in the report as known; the gate still fails when one of them spills more or any
 # other headline kernel spills at all. Each entry is an open defect, not a tolerance.
-KNOWN_SPILLS = {
-    f"block_sparse_attention_bwd_kernel<{t},{d}>": (
-        8, 6,
-        "4 warps per 64-key tile hold dK and dV (D/2 float32 registers each per thread) plus the "
-        "Q/dO/P fragments: more than the 255 registers a thread can have at D = 96 and 128 "
-        "(ptxas: 255 registers, 16-24 B stack); the fix is 8 warps per tile (issue 10, open)",
-    )
-    for t in ("bf16", "fp16")
-    for d in (96, 128)
-}  # fmt: skip
+# None today: the attention backward's D = 96 / 128 spill is gone (attention_bwd.cuh, Resources).
+KNOWN_SPILLS: dict[str, tuple[int, int, str]] = {}
 KNOWN = "known, accepted for now"
 
 

@@ -42,7 +42,23 @@
 //
 // Resources (sm_90a, ptxas; see the static report): 128 threads; shared memory 2 x 64 x (D + 8)
 // x 2 (K, V) + 2 stages x 2 x 64 x (D + 8) x 2 (Q, dO) + 64 x 72 x 2 (dSᵀ) + 1 KB = 112 KB at
-// D = 128, so two blocks fit an H100 SM (228 KB).
+// D = 128, so two blocks fit an H100 / H200 SM (228 KB, 1 KB reserved per block). Registers,
+// the same for bf16 and fp16, no local memory at any D (sm_80 within 4 of these):
+//     D              32    64    96   128
+//     registers     147   168   236   249
+//     blocks / SM     3     3     2     2   (regs; shared memory alone would allow 5, 3, 2, 2)
+// The register budget is not the dK / dV accumulators (2 x D / 2 per thread) alone: at D = 128
+// they take 128 of the 255, and the loop over the two 32-query halves of a step is kept rolled
+// (`#pragma unroll 1`) because unrolled, ptxas overlaps the halves and keeps both halves' scores
+// and fragments live: 255 registers and a 16-24 B spill at D = 96 / 128, 245 at D = 64. Rolled,
+// the halves cost one branch and nothing in shared memory or MMAs. Alternatives weighed for the
+// spill: 8 warps per key tile (two per 16-key strip, each owning half of D of dK / dV) would
+// either compute Sᵀ and dPᵀ twice per strip (7 instead of 5 matmuls' MMAs) or split the 64
+// query columns between the pair and exchange Pᵀ through 9 KB more shared memory (121 KB at
+// D = 128: one block per SM, i.e. the same 8 warps per SM as two 4-warp blocks, with block-wide
+// barriers in place of independent blocks); and dV in shared memory (fp32, 32 KB at D = 128)
+// also leaves one block per SM and adds a read-modify-write per step. On paper neither beats the
+// rolled loop, which keeps the layout, the five matmuls and two blocks per SM (unmeasured).
 //
 // Expected speed (H100/H200 SXM, bf16, computed pairs only): per step a warp reads from shared
 // memory K, V strips (2 x 16 x D x 2), Q, dO twice each (4 x 64 x D x 2), dS and K for dQ
@@ -51,7 +67,12 @@
 // Q, dO (32 KB) plus the dQ partial (~32 KB read + 32 KB written, less for first/last
 // contributors) for 5.2 MFLOP: ~3.4 TB/s at 200 TFLOP/s. With two 4-warp blocks per SM, three
 // barriers per step, the exp2 on every score and the dQ hand-off, the estimate is 190-240
-// TFLOP/s at D = 128 on the S = 16k causal-window-512 problem (goal: >= 200).
+// TFLOP/s at D = 128 on the S = 16k causal-window-512 problem (goal: >= 200). The rolled half
+// loop should cost at most a few percent against an unrolled one that did not spill (the other
+// warps of the SM hide the exp2 / dS phase between a half's matmuls); the removed spill cost a
+// few local loads per step. D = 64 runs three blocks (12 warps) per SM instead of two, for
+// latency hiding: ptxas fits it in 168 registers with no more instructions (4616 SASS
+// instructions against 4632 at 196 registers).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -253,10 +274,11 @@ constexpr size_t bwd_smem_bytes() {
 }
 
 // Blocks of 128 threads per SM asked of the register allocator: as many as shared memory allows
-// on an H100 where the dK / dV accumulators (D / 2 registers each) leave room.
+// on an H100 / H200 where the dK / dV accumulators (D / 2 registers each) leave room without a
+// spill (header: at D = 32 four blocks, 128 registers, spill; D = 64 fits three in 168).
 template <int D>
 constexpr int bwd_min_blocks() {
-  return D >= 64 ? 2 : 3;
+  return D <= 64 ? 3 : 2;
 }
 
 template <typename T, int D>
@@ -458,8 +480,9 @@ __global__ void __launch_bounds__(kBwdThreads, bwd_min_blocks<D>())
     }
 
     // Two halves of 32 queries: the scores of a half, then its dV / dK updates, so that only
-    // 16 x 32 fp32 of Sᵀ and dPᵀ are live next to the dK / dV accumulators.
-#pragma unroll
+    // 16 x 32 fp32 of Sᵀ and dPᵀ are live next to the dK / dV accumulators. Not unrolled: ptxas
+    // would overlap the halves and spill at D = 96 / 128 (header, Resources).
+#pragma unroll 1
     for (int half = 0; half < 2; ++half) {
       const int c0 = half * 32;  // first query column of the half
       // ---- Sᵀ = K Qᵀ, dPᵀ = V dOᵀ: 16 keys x 32 queries per warp ----
