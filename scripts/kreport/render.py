@@ -198,6 +198,8 @@ def summary_rows(report: dict) -> list[list[str]]:
         n = len(items)
         spills = sum(1 for _, k, _ in items if k["counts"].get("LDL") or k["counts"].get("STL"))
         under = sum(1 for ln, _, _ in items if ln["waves"] is None or ln["waves"] < 2)
+        per_sm = [device.grid_blocks(ln["grid"]) / device.H200.sms for ln, _, _ in items]
+        under_sm = sum(1 for v in per_sm if v < 2)
 
         def share(op_flag: str, items=items, n=n) -> str:
             have = {sass.flags(k["counts"])[op_flag] for _, k, _ in items} - {"-"}
@@ -210,14 +212,14 @@ def summary_rows(report: dict) -> list[list[str]]:
              f"**{spills}**" if spills else "0", _kspan([b for *_, b in items]),
              _span([ln["blocks_per_sm"] for ln, _, _ in items]),
              _fspan([ln["waves"] for ln, _, _ in items]), f"{under}/{n}",
-             _fspan([device.grid_blocks(ln["grid"]) / device.H200.sms for ln, _, _ in items]),
-             share("mma"), share("ldsm"), share("async")]
+             _fspan(per_sm), f"{under_sm}/{n}", share("mma"), share("ldsm"), share("async")]
         )  # fmt: skip
     return rows
 
 
 SUMMARY_HEADER = ["family", "side", "kernel", "launches", "regs", "spilling", "smem",
-                  "blocks/SM", "waves", "< 2 waves", "CTAs/SM", "MMA", "LDSM", "async"]  # fmt: skip
+                  "blocks/SM", "waves", "< 2 waves", "CTAs/SM", "< 2 CTAs/SM", "MMA", "LDSM",
+                  "async"]  # fmt: skip
 
 CUDA_HEADER = ["case", "path", "kernel", "grid", "block", "regs", "LDL/STL", "smem", "blocks/SM",
                "waves", "MMA", "LDSM", "async", "floor"]  # fmt: skip
@@ -274,8 +276,9 @@ def markdown(report: dict) -> str:
             'are min–max; smem = static + dynamic per block; "spilling": launches of a '
             'kernel with local loads/stores; "< 2 waves": launches whose grid covers '
             "fewer than two full waves of the H200, a wave being blocks/SM × 132 CTAs; "
-            '"CTAs/SM": grid / 132 SMs, the other reading of "waves"). CUDA (other path): a '
-            "path the op does "
+            '"CTAs/SM": grid / 132 SMs, the other reading of "waves", the issues\' "≥ 2 '
+            'waves on the device\'s SM count"; "< 2 CTAs/SM": launches below it). CUDA (other '
+            "path): a path the op does "
             "not take at these shapes (lowrank forced to the other path, int8's fused kernel "
             "where the op dequantizes + cuBLAS), planned for the spill check.",
             "",
