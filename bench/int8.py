@@ -27,9 +27,9 @@ backend forced onto its fused kernel or onto dequantize + cuBLAS, forward and dx
 on). The backends and torch-dequant-matmul are the dispatch paths whose forward times
 --write-table records; the two forced cuda paths are recorded under the table op
 int8_linear.cuda_path, which moves the cuda backend's kernel / cuBLAS crossover
-(lrkernels.ops.int8.cuda_path). The library's providers get the packed weight (layout 2, what
-Int8Linear holds on a GPU; --layout plain gives them layout 1, which the cuda backend packs on
-every call). A torch comparison provider whose time at one M,
+(lrkernels.ops.int8.cuda_path). The library's providers get the weight Int8Linear holds on the
+device: packed (layout 2) on a GPU, plain (layout 1) on the CPU (--layout packed / plain
+forces one; the cuda backend packs a plain weight on every call). A torch comparison provider whose time at one M,
 scaled in proportion to the next M of the same weight, exceeds --slow-ms is not run there:
 torch's naive int8 kernels must not eat the time budget at large M.
 
@@ -376,10 +376,11 @@ def parse_args(argv):
     g.add_argument("--no-bias", action="store_true", help="benchmark without bias")
     g.add_argument(
         "--layout",
-        choices=("packed", "plain"),
-        default="packed",
+        choices=("auto", "packed", "plain"),
+        default="auto",
         help="the weight the library's providers get: packed (layout 2, what Int8Linear holds "
-        "on a GPU; default) or plain (layout 1, which the cuda backend packs on every call)",
+        "on a GPU) or plain (layout 1, which the cuda backend packs on every call); auto "
+        "(default): what Int8Linear holds on the device, packed on a GPU, plain on the CPU",
     )
     g.add_argument(
         "--slow-ms",
@@ -597,6 +598,11 @@ def main(argv: list[str] | None = None, extra_providers: list[Provider] | None =
         for p in make_providers(run.provider_names)
     ] + list(extra_providers or [])
     cases = build_cases(args, run.device_type)
+    layout = (
+        args.layout
+        if args.layout != "auto"
+        else ("packed" if run.device_type == "cuda" else "plain")
+    )
     notes = []
     if quantize is None:
         notes.append("NOTE: lrkernels.quant is missing: random int8 weights and scales are used")
@@ -614,7 +620,7 @@ def main(argv: list[str] | None = None, extra_providers: list[Provider] | None =
             weights = None  # free the last weight before the peak measurement's buffers
         peaks = run.peaks(dtype)
         wkey = (out_f, in_f, str(dtype), group)
-        if weights is None or weights["wkey"] != (*wkey, args.layout):
+        if weights is None or weights["wkey"] != (*wkey, layout):
             weights = None
             weights = make_weights(
                 out_f,
@@ -624,7 +630,7 @@ def main(argv: list[str] | None = None, extra_providers: list[Provider] | None =
                 run.device,
                 not args.no_bias,
                 args.seed + 1000 * i,
-                args.layout,
+                layout,
             )
         inp = make_inputs(weights, M, dtype, run.device, args.seed + i, pas)
         check = harness.spread_rows(M, run.device)

@@ -104,8 +104,8 @@ def test_rules_without_a_table_row():
     attn = dispatch.hooks("block_sparse_attention").rule
     f = {"D": 64, "Sq": 256, "Sk": 256, "keys": 64, "mode": "infer"}
     assert attn("cuda", "bfloat16", f)[0] == ("triton", "cuda")
-    assert attn("cpu", "float32", f)[0] == ("torch",)
-    assert attn("cpu", "float32", {**f, "Sq": 4096, "Sk": 4096})[0] == ("cpu",)
+    assert attn("cpu", "float32", f)[0] == ("cpu",)
+    assert attn("cpu", "float32", {**f, "Sq": 4096, "Sk": 4096, "keys": 4096})[0] == ("cpu",)
 
 
 def test_auto_on_cpu_follows_the_rule(table):
