@@ -518,6 +518,14 @@ def test_packed_module_forward_pack_unpack(group):
         Int8Linear(45, 8).pack()
     # CPU default: layout 1 (packing pays off on CUDA, where .to("cuda") packs).
     assert Int8Linear.from_linear(lin, group).layout == 1
+    # An explicitly packed module stays packed through CPU-side conversions; arriving on the CPU
+    # from another device unpacks it (the cpu kernels read layout 1). meta -> cpu stands in for
+    # cuda -> cpu here (to_empty: the values are not the point, the layout is).
+    packed.pack()
+    assert packed.float().layout == 2 and packed.to("cpu").layout == 2
+    moved = packed.to("meta")
+    assert moved.layout == 2 and moved.qweight.is_meta
+    assert moved.to_empty(device="cpu").layout == 1 and moved.qweight.shape == (29, 96)
 
 
 @pytest.mark.parametrize("group", [None, 64])

@@ -95,7 +95,8 @@ class Int8Linear(DenseWeightMixin, nn.Module):
             attribute, not part of the state_dict.
 
     Layout: `pack` / `unpack` convert in place; moving a packable module to CUDA packs it (the
-    CUDA kernels read layout 2 without a copy; a layout-1 weight is packed on every call there).
+    CUDA kernels read layout 2 without a copy; a layout-1 weight is packed on every call there),
+    and moving a packed one back to the CPU unpacks it (the cpu kernels read layout 1).
     ``state_dict()`` always holds layout 1 (``(out, in)`` qweight, contiguous scales), and
     ``load_state_dict`` takes either layout and converts it to the module's.
 
@@ -202,9 +203,14 @@ class Int8Linear(DenseWeightMixin, nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # .to("cuda") / .cuda(): the CUDA kernels read the packed layout, so pack once here.
+        # Back to the CPU (.cpu() after training on a GPU): the C++ cpu kernels read layout 1 and
+        # would unpack a packed weight on every call, so unpack once.
+        came_from_cpu = self.qweight.device.type == "cpu"
         super()._apply(fn, *args, **kwargs)
         if self.qweight.is_cuda and self.layout == LAYOUT_VERSION and can_pack(self.in_features):
             self.pack()
+        elif not came_from_cpu and self.qweight.device.type == "cpu":
+            self.unpack()
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
