@@ -361,7 +361,7 @@ def test_cuda_path_follows_a_measured_table_row(monkeypatch, tmp_path):
     assert ops_int8.cuda_path(300, 4096, 4096, bf16, device=dev) == "kernel"  # the rule
     dispatch.use_table(path)
     try:
-        got, why = ops_int8.cuda_path_choice(300, 4096, 4096, bf16, device=dev)
+        got, why = ops_int8._cuda_path_choice(300, 4096, 4096, bf16, False, dev)
         assert (got, why) == ("dequant_matmul", "table: measured dequant_matmul > kernel")
         # the same class, another pass / dtype / device: no row, the rule
         assert ops_int8.cuda_path(300, 4096, 4096, bf16, transposed=True, device=dev) == "kernel"

@@ -120,6 +120,38 @@ __device__ __forceinline__ uint32_t bits16(T v) {
   return cvt::to_bits(v);
 }
 
+// acc = 0 (the float32 accumulators of a warp tile: kFM m16 tiles x 4 n8 tiles x 4).
+template <int kFM>
+__device__ __forceinline__ void zero_accumulators(float (&acc)[kFM][4][4]) {
+#pragma unroll
+  for (int i = 0; i < kFM; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    }
+  }
+}
+
+// f(i, j, h, offset) for each accumulator pair (acc[i][j][2h], acc[i][j][2h + 1]) of this thread
+// whose row (row0 + 16 i + 8 h) is below M; offset: the pair's float index in a split-K partial,
+// stored in fragment order [i][j][h][thread] (coalesced float2 stores and loads).
+template <int kFM, int kThreads, class F>
+__device__ __forceinline__ void for_each_partial_pair(int64_t row0, int64_t M, int tid, F&& f) {
+#pragma unroll
+  for (int i = 0; i < kFM; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (row0 + 16 * i + 8 * h < M) {
+          f(i, j, h, ((static_cast<size_t>(i * 4 + j) * 2 + h) * kThreads + tid) * 2);
+        }
+      }
+    }
+  }
+}
+
 template <typename T, int kBM, bool kTrans, bool kGroup>
 __device__ __forceinline__ void load_stage(const Params<T>& p, unsigned char* base, int64_t st,
                                            int64_t m0, int64_t c0) {
@@ -319,14 +351,7 @@ __global__ void __launch_bounds__(Cfg<kBM>::kThreads, Cfg<kBM>::kMinBlocks)
   const int nst = static_cast<int>(per_split + (split < extra ? 1 : 0));
 
   float acc[Cf::kFM][4][4];
-#pragma unroll
-  for (int i = 0; i < Cf::kFM; ++i) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
-    }
-  }
+  zero_accumulators(acc);
 
   // Pipeline: stage `it` lives in slot it % kStages; kStages - 1 stages are in flight.
 #pragma unroll
@@ -359,20 +384,11 @@ __global__ void __launch_bounds__(Cfg<kBM>::kThreads, Cfg<kBM>::kMinBlocks)
     // Partial sums in fragment order: [i][j][half][thread] float2, rows >= M skipped.
     const size_t block_floats = static_cast<size_t>(kBM) * kBN;
     float* mine = p.ws + static_cast<size_t>(bid) * block_floats;
-#pragma unroll
-    for (int i = 0; i < Cf::kFM; ++i) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if (row0 + 16 * i + 8 * h < p.M) {
-            const size_t off = ((static_cast<size_t>(i * 4 + j) * 2 + h) * Cf::kThreads + tid) * 2;
-            *reinterpret_cast<float2*>(mine + off) =
-                make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
-          }
-        }
-      }
-    }
+    for_each_partial_pair<Cf::kFM, Cf::kThreads>(
+        row0, p.M, tid, [&](int i, int j, int h, size_t off) {
+          *reinterpret_cast<float2*>(mine + off) =
+              make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+        });
     __threadfence();  // the partials are visible device-wide before the count says so
     __syncthreads();
     if (tid == 0) last_split = atomicAdd(p.counters + tile, 1) == p.splits - 1;
@@ -384,41 +400,19 @@ __global__ void __launch_bounds__(Cfg<kBM>::kThreads, Cfg<kBM>::kMinBlocks)
     // issues all of a partial's loads at once (kFM x 8 per thread) instead of one load chain
     // per fragment element.
     const float* first = p.ws + static_cast<size_t>(tile) * p.splits * block_floats;
-#pragma unroll
-    for (int i = 0; i < Cf::kFM; ++i) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.f;
-      }
-    }
+    zero_accumulators(acc);
     for (int s = 0; s < p.splits; ++s) {
       const float* part = first + s * block_floats;
-      float2 v[Cf::kFM][4][2];
-#pragma unroll
-      for (int i = 0; i < Cf::kFM; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const size_t off = ((static_cast<size_t>(i * 4 + j) * 2 + h) * Cf::kThreads + tid) * 2;
-            v[i][j][h] = row0 + 16 * i + 8 * h < p.M
-                             ? __ldcg(reinterpret_cast<const float2*>(part + off))
-                             : make_float2(0.f, 0.f);
-          }
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < Cf::kFM; ++i) {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            acc[i][j][2 * h] += v[i][j][h].x;
-            acc[i][j][2 * h + 1] += v[i][j][h].y;
-          }
-        }
-      }
+      float2 v[Cf::kFM][4][2];  // all of the round's loads first, then the adds
+      for_each_partial_pair<Cf::kFM, Cf::kThreads>(
+          row0, p.M, tid, [&](int i, int j, int h, size_t off) {
+            v[i][j][h] = __ldcg(reinterpret_cast<const float2*>(part + off));
+          });
+      for_each_partial_pair<Cf::kFM, Cf::kThreads>(row0, p.M, tid,
+                                                   [&](int i, int j, int h, size_t) {
+                                                     acc[i][j][2 * h] += v[i][j][h].x;
+                                                     acc[i][j][2 * h + 1] += v[i][j][h].y;
+                                                   });
     }
     if (tid == 0) p.counters[tile] = 0;  // ready for the next launch
   }

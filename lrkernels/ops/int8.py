@@ -80,15 +80,7 @@ dispatch.register_op(
 )
 
 
-def cuda_path_choice(
-    m: int,
-    n: int,
-    k: int,
-    dtype: torch.dtype,
-    *,
-    transposed: bool = False,
-    device: torch.device | None = None,
-) -> tuple[str, str]:
+def _cuda_path_choice(m, n, k, dtype, transposed, device) -> tuple[str, str]:
     """(path, why) of `cuda_path`."""
     forced = os.environ.get("LRKERNELS_INT8_CUDA_PATH")
     if forced:
@@ -129,7 +121,7 @@ def cuda_path(
     kernel).
     ``LRKERNELS_INT8_CUDA_PATH=kernel`` or ``=dequant_matmul`` forces one (benchmarks, A/B
     checks)."""
-    return cuda_path_choice(m, n, k, dtype, transposed=transposed, device=device)[0]
+    return _cuda_path_choice(m, n, k, dtype, transposed, device)[0]
 
 
 def _path_id(act: Tensor, features: int, n: int, k: int, transposed: bool) -> int:
