@@ -869,8 +869,9 @@ def dispatch_entries(
     """The table entries of a run: one per measured shape (and dtype), holding the median
     time of every provider that is a dispatch path (`paths`: provider -> backend). A provider
     that FAILED its check at a shape is excluded from that shape's class; skipped ones are
-    just absent. `features(row)`: the op's dispatch features of the row's shape (None: the row
-    is no measurement of the op's own dispatch, e.g. another pass)."""
+    just absent, and a shape where every path was skipped gives no entry. `features(row)`: the
+    op's dispatch features of the row's shape (None: the row is no measurement of the op's own
+    dispatch, e.g. another pass)."""
     hooks = dispatch.hooks(op)
     if hooks is None:
         return []
@@ -886,6 +887,10 @@ def dispatch_entries(
     dev = dispatch.device_key(device)
     out = []
     for (label, dt), (f, rs) in groups.items():
+        ms = {paths[r.provider]: round(r.ms_median, 6) for r in rs if r.ok}
+        failed = {paths[r.provider]: f"FAILED at {label}: {r.status}" for r in rs if r.failed}
+        if not ms and not failed:  # every path skipped here (e.g. cuda-only paths on a CPU)
+            continue
         out.append(
             {
                 "op": op,
@@ -893,10 +898,8 @@ def dispatch_entries(
                 "dtype": dt,
                 "class": hooks.shape_class(f),
                 "shape": label,
-                "ms": {paths[r.provider]: round(r.ms_median, 6) for r in rs if r.ok},
-                "excluded": {
-                    paths[r.provider]: f"FAILED at {label}: {r.status}" for r in rs if r.failed
-                },
+                "ms": ms,
+                "excluded": failed,
             }
         )
     return out
