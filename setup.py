@@ -89,7 +89,8 @@ def _extensions():
     # No -std flag: torch's cpp_extension passes the standard the installed torch needs (C++20 for
     # torch >= 2.10, C++17 before).
     # -g0: Python's own CFLAGS carry -g, and debug info for these ATen-heavy files made each
-    # compile several times slower (lowrank_cpu.cpp: 2m13s with -g, 19s without, on 2 cores).
+    # compile several times slower (lowrank_cpu.cpp: 2m13s with -g on a loaded 2-core machine,
+    # 19s without).
     cxx_flags = ["-O3", "-g0"]
     if want_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
