@@ -193,8 +193,9 @@ def test_forward_split_k(dtype, group):
     x = _rand(M, K, dtype=dtype)
     b = _rand(N, dtype=dtype)
     config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT=5, num_warps=4, num_stages=2)
-    # 12 K steps over 5 requested splits -> 3 steps per split, 4 splits.
-    assert int8._split_plan(K, 32, 5) == (4, 96)
+    # 12 K steps over 5 splits: 3, 3, 2, 2, 2 steps (at most one split per step).
+    assert int8._split_plan(K, 32, 5) == (5, 12)
+    assert int8._split_plan(K, 32, 20) == (12, 12)
     out = _check_forward(x, q, s, b, group, config=config)
     again = _nan((M, N), dtype)
     int8.launch_int8_linear(x, q, s, b, again, group, config=config)
@@ -248,11 +249,11 @@ def test_grad_input_scale_paths(group, block_k):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_grad_input_split_n(dtype):
-    """Split over N, with an uneven last split; deterministic."""
+    """Split over N: 6 steps of 16 (the last one partial) dealt out as 2, 2, 1, 1; deterministic."""
     M, N, K, G = 5, 90, 128, 32
     q, s = _quantized(N, K, G, dtype)
     dy = _rand(M, N, dtype=dtype)
-    config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT=3, num_warps=4, num_stages=2)
+    config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=64, SPLIT=4, num_warps=4, num_stages=2)
     out = _check_grad(dy, q, s, G, config=config)
     again = _nan((M, K), dtype)
     int8.launch_int8_linear_grad_input(dy, q, s, again, G, config=config)

@@ -180,6 +180,18 @@ def _write_tile(
 
 
 @triton.jit
+def _split_range(pid_s, split, steps, BLOCK: tl.constexpr, total):
+    """[begin, end) of the reduction for split `pid_s` of `split`: `steps` steps of BLOCK
+    (the last one may be partial at `total`) dealt out evenly, steps // split each and one more
+    to the first steps % split splits (the plan keeps split <= steps: none is empty)."""
+    per = steps // split
+    extra = steps % split
+    first = pid_s * per + tl.minimum(pid_s, extra)
+    count = per + tl.where(pid_s < extra, 1, 0)
+    return first * BLOCK, tl.minimum((first + count) * BLOCK, total)
+
+
+@triton.jit
 def _reduce_splits(
     acc, ws_ptr, cnt_ptr, tile, pid_s, split, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr
 ):
@@ -214,7 +226,7 @@ def _int8_linear_fwd_kernel(
     M,
     N,
     K,
-    k_per_split,
+    k_steps,
     split,
     NB,
     KB,
@@ -238,8 +250,8 @@ def _int8_linear_fwd_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """out (M, N) = x @ dequant(q, s).T (+ bias) for one (BLOCK_M, BLOCK_N) tile and one split
-    of K. Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), split); split s covers
-    K in [s * k_per_split, min(+k_per_split, K)), k_per_split a multiple of BLOCK_K.
+    of K. Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), split); the k_steps = cdiv(K, BLOCK_K)
+    steps are dealt out evenly over the splits (`_split_range`).
     q: (N, K) with strides (stride_qn, stride_qk), or packed (PACKED; NB x KB units).
     GROUP_SIZE == 0: per-channel scales s (N,), applied to the float32 sums in the epilogue
     (the weight tile is q exactly); else s[n, k // G] with BLOCK_K dividing G (one scale column
@@ -267,8 +279,7 @@ def _int8_linear_fwd_kernel(
     qt_cols = q_ptr + offs_n[None, :] * stride_qn
     s_rows = s_ptr + offs_n * stride_sn
 
-    k_begin = pid_s * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
+    k_begin, k_end = _split_range(pid_s, split, k_steps, BLOCK_K, K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + offs_k0
@@ -324,7 +335,7 @@ def _int8_linear_grad_input_kernel(
     M,
     N,
     K,
-    n_per_split,
+    n_steps,
     split,
     NB,
     KB,
@@ -349,7 +360,8 @@ def _int8_linear_grad_input_kernel(
     """out (M, K) = dy @ dequant(q, s) for one (BLOCK_M, BLOCK_K) tile and one split of N.
 
     Grid (cdiv(M, BLOCK_M), cdiv(K, BLOCK_K), split); BLOCK_K is the width of the program's
-    dx tile, BLOCK_N the reduction step; n_per_split a multiple of BLOCK_N.
+    dx tile, BLOCK_N the reduction step; the n_steps = cdiv(N, BLOCK_N) steps are dealt out
+    evenly over the splits (`_split_range`).
     Scales multiply the weights (round(q · s), the dequantize-then-mm numerics):
     GROUP_SIZE == 0 -> s[n] per tile row. GROUP_SIZE > 0 and SCALE_PER_TILE (BLOCK_K divides G)
     -> the tile lies in one group: s[n, k_start // G] per row. Otherwise each element gathers
@@ -383,8 +395,7 @@ def _int8_linear_grad_input_kernel(
         else:
             s_cols = s_ptr + (offs_k // GROUP_SIZE)[None, :] * stride_sg
 
-    n_begin = pid_s * n_per_split
-    n_end = tl.minimum(n_begin + n_per_split, N)
+    n_begin, n_end = _split_range(pid_s, split, n_steps, BLOCK_N, N)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(n_begin, n_end, BLOCK_N):
         offs_n = n0 + offs_n0
@@ -509,8 +520,7 @@ def _choose_config_cached(
     split = 1
     if num_sms > 1 and tiles < target:
         split = min(_cdiv(target, tiles), steps // 2, red // (8 * max(M, 1)), _MAX_SPLIT)
-        split = max(1, split)
-        split = _cdiv(steps, _cdiv(steps, split))  # no empty splits
+        split = max(1, split)  # the kernels deal the steps out evenly (`_split_range`)
 
     # num_warps: 8 for the big 128 x 128 16-bit tiles (large M), else 4.
     num_warps = 8 if block_m * block_c >= 128 * 128 else 4
@@ -691,10 +701,10 @@ def _scale_strides(scales: torch.Tensor) -> tuple[int, int]:
 
 
 def _split_plan(red: int, block_r: int, split: int) -> tuple[int, int]:
-    """(split count without empty splits, reduction length per split, a multiple of block_r)."""
+    """(split count, steps of block_r along the reduction): at most one split per step, the
+    steps dealt out evenly by the kernels (`_split_range`)."""
     steps = _cdiv(red, block_r)
-    steps_per_split = _cdiv(steps, max(1, min(int(split), steps)))
-    return _cdiv(steps, steps_per_split), steps_per_split * block_r
+    return max(1, min(int(split), steps)), steps
 
 
 # Split-K counters, one int32 per output tile, per (device, stream): zeroed when allocated and
@@ -766,7 +776,7 @@ def launch_int8_linear(
         raise ValueError(f"{op}: BLOCK_K={block_k} must divide group_size={group_size}")
     if packed and (block_n % 32 or block_k % 16):
         raise ValueError(f"{op}: a packed weight needs BLOCK_N % 32 == 0 and BLOCK_K % 16 == 0")
-    split, k_per_split = _split_plan(K, block_k, config["SPLIT"])
+    split, k_steps = _split_plan(K, block_k, config["SPLIT"])
 
     grid = (_cdiv(M, block_m), _cdiv(N, block_n), split)
     ws, counters, ws64 = _split_buffers(split, grid[0] * grid[1], block_m * block_n, x2d.device)
@@ -785,7 +795,7 @@ def launch_int8_linear(
         M,
         N,
         K,
-        k_per_split,
+        k_steps,
         split,
         _cdiv(N, 32),
         K // 16,
@@ -845,7 +855,7 @@ def launch_int8_linear_grad_input(
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     if packed and (block_n % 32 or block_k % 16):
         raise ValueError(f"{op}: a packed weight needs BLOCK_N % 32 == 0 and BLOCK_K % 16 == 0")
-    split, n_per_split = _split_plan(N, block_n, config["SPLIT"])
+    split, n_steps = _split_plan(N, block_n, config["SPLIT"])
 
     grid = (_cdiv(M, block_m), _cdiv(K, block_k), split)
     ws, counters, ws64 = _split_buffers(split, grid[0] * grid[1], block_m * block_k, dy2d.device)
@@ -862,7 +872,7 @@ def launch_int8_linear_grad_input(
         M,
         N,
         K,
-        n_per_split,
+        n_steps,
         split,
         _cdiv(N, 32),
         K // 16,
