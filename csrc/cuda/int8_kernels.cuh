@@ -93,8 +93,11 @@ inline int64_t int8_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // 4096 at M = 64: 9 splits -> 288 CTAs, 3 on some SMs, 0.33 of a tile each; 12 -> 384, 0.25),
 // the fewest splits on a tie. Limits: >= 4 steps (256 of the reduction) per split, relaxed to 2
 // when the tiles would leave most SMs idle; the reducing CTA reads at most 256 KiB of partials
-// per tile (the serial tail: splits - 1 rounds of up to 32 KiB from L2, every load of a round in
-// flight at once, ~0.2 us each).
+// per tile (the serial tail: one L2 round trip per round, ~0.2-0.3 us; a round is 4 partials of
+// a 16-row tile or one of a 64-row tile, 32 KiB, which is also about what one SM can pull from
+// L2 in that time). At M = 64 on 4096^2 that is 9 rounds, ~2 us against a ~4 us weight stream:
+// whether 9 splits (2.2 CTAs/SM) beat 5 (1.2 CTAs/SM, 4 rounds) is for the GPU run to say
+// (LRKERNELS_INT8_SPLITS forces a count).
 inline Int8MmaPlan int8_mma_plan(const Int8MmaArgs& a, int num_sms) {
   Int8MmaPlan p{};
   const int64_t R = a.transposed ? a.N : a.K;

@@ -397,22 +397,35 @@ __global__ void __launch_bounds__(Cfg<kBM>::kThreads, Cfg<kBM>::kMinBlocks)
     __threadfence();
     // The sum in split order 0, 1, ... (its own partial read back too, so the order never
     // depends on which CTA came last: deterministic). Splits outermost, so that each round
-    // issues all of a partial's loads at once (kFM x 8 per thread) instead of one load chain
-    // per fragment element.
+    // issues all the loads of kRound whole partials at once (kFM x 8 per thread and partial)
+    // instead of one load chain per fragment element: a round is one L2 round trip. 16-row
+    // tiles take 4 partials a round (16 registers each); 64-row tiles one (64 registers: the
+    // 168-register cap of 3 CTAs per SM leaves no room for a second).
+    constexpr int kRound = Cf::kFM == 1 ? 4 : 1;
     const float* first = p.ws + static_cast<size_t>(tile) * p.splits * block_floats;
     zero_accumulators(acc);
-    for (int s = 0; s < p.splits; ++s) {
-      const float* part = first + s * block_floats;
-      float2 v[Cf::kFM][4][2];  // all of the round's loads first, then the adds
-      for_each_partial_pair<Cf::kFM, Cf::kThreads>(
-          row0, p.M, tid, [&](int i, int j, int h, size_t off) {
-            v[i][j][h] = __ldcg(reinterpret_cast<const float2*>(part + off));
-          });
-      for_each_partial_pair<Cf::kFM, Cf::kThreads>(row0, p.M, tid,
-                                                   [&](int i, int j, int h, size_t) {
-                                                     acc[i][j][2 * h] += v[i][j][h].x;
-                                                     acc[i][j][2 * h + 1] += v[i][j][h].y;
-                                                   });
+    for (int s0 = 0; s0 < p.splits; s0 += kRound) {
+      float2 v[kRound][Cf::kFM][4][2];  // all of the round's loads first, then the adds
+#pragma unroll
+      for (int r = 0; r < kRound; ++r) {
+        if (s0 + r < p.splits) {
+          const float* part = first + (s0 + r) * block_floats;
+          for_each_partial_pair<Cf::kFM, Cf::kThreads>(
+              row0, p.M, tid, [&](int i, int j, int h, size_t off) {
+                v[r][i][j][h] = __ldcg(reinterpret_cast<const float2*>(part + off));
+              });
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRound; ++r) {
+        if (s0 + r < p.splits) {
+          for_each_partial_pair<Cf::kFM, Cf::kThreads>(row0, p.M, tid,
+                                                       [&](int i, int j, int h, size_t) {
+                                                         acc[i][j][2 * h] += v[r][i][j][h].x;
+                                                         acc[i][j][2 * h + 1] += v[r][i][j][h].y;
+                                                       });
+        }
+      }
     }
     if (tid == 0) p.counters[tile] = 0;  // ready for the next launch
   }
