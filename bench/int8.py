@@ -144,7 +144,7 @@ def _grad_input(backend: str, dy, q, s, path: int = 0):
     the cuda path of dy's shape, or the Triton op)."""
     if backend == "triton":
         return torch.ops.lrkernels.int8_linear_grad_input_triton(dy, q, s)
-    op = "int8_linear_packed_grad_input" if ops_int8.is_packed(q) else "int8_linear_grad_input"
+    op = ops_int8._LAYOUT_OPS[2 if ops_int8.is_packed(q) else 1][1]
     return getattr(torch.ops.lrkernels, op)(dy, q, s, path)
 
 
@@ -195,8 +195,9 @@ def _cuda_path_provider(name: str, path: str) -> Provider:
         if inp["pass"] == "dx":
             dy = inp["dy"]
             return lambda: _grad_input("cuda", dy, q, s, pid)
-        op = "int8_linear_packed" if ops_int8.is_packed(q) else "int8_linear"
-        fwd = getattr(torch.ops.lrkernels, op)
+        fwd = getattr(
+            torch.ops.lrkernels, ops_int8._LAYOUT_OPS[2 if ops_int8.is_packed(q) else 1][0]
+        )
         return lambda: fwd(x, q, s, b, pid)
 
     return Provider(name, build)

@@ -60,6 +60,22 @@ def _seed(request):
     yield
 
 
+@pytest.fixture
+def table(tmp_path):
+    """Write dispatch-table rows to a temporary table and make auto selection read it; restore
+    the packaged table afterwards."""
+    from lrkernels import dispatch
+
+    path = tmp_path / "table.json"
+
+    def use(rows: list[dict]) -> None:
+        dispatch.write_table(path, {"format": 1, "rows": rows})
+        dispatch.use_table(path)
+
+    yield use
+    dispatch.use_table(None)
+
+
 def device_for(backend: str) -> str:
     return "cuda" if backend in ("cuda", "triton") and HAS_CUDA else "cpu"
 

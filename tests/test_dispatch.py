@@ -15,19 +15,6 @@ CPU_OK = lrkernels.available_backends()["cpu"] is None
 SOURCE = {"bench": "bench/test.py", "commit": "abc1234", "date": "2026-01-01", "torch": "x"}
 
 
-@pytest.fixture
-def table(tmp_path):
-    """Write rows to a temporary table and make auto selection read it; restore afterwards."""
-    path = tmp_path / "table.json"
-
-    def use(rows: list[dict]) -> None:
-        dispatch.write_table(path, {"format": 1, "rows": rows})
-        dispatch.use_table(path)
-
-    yield use
-    dispatch.use_table(None)
-
-
 def _lowrank(M=3, in_f=64, out_f=32, rank=8, dtype=torch.float32):
     return (
         torch.randn(M, in_f, dtype=dtype),

@@ -19,19 +19,6 @@ CPU_OK = lrkernels.available_backends()["cpu"] is None
 SOURCE = {"bench": "bench/lora.py", "commit": "abc1234", "date": "2026-01-01", "torch": "x"}
 
 
-@pytest.fixture
-def table(tmp_path):
-    """Write rows to a temporary table and make auto selection read it; restore afterwards."""
-    path = tmp_path / "table.json"
-
-    def use(rows: list[dict]) -> None:
-        dispatch.write_table(path, {"format": 1, "rows": rows})
-        dispatch.use_table(path)
-
-    yield use
-    dispatch.use_table(None)
-
-
 def _single(M=5, K=64, N=40, r=4, base="dense", dtype=torch.float32, requires_grad=False):
     x = torch.randn(M, K, dtype=dtype, requires_grad=requires_grad)
     if base == "dense":
