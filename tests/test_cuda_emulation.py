@@ -301,8 +301,33 @@ def int8_fixed() -> list[str]:
             strict=True,
         )
     ]
+    cases += INT8_ADDEND
     cases += [c + " expect=invalid" for c in INT8_INVALID]
     return [c if "dist=" in c else c + " dist=int" for c in cases]
+
+
+# The low-rank addend (the fused LoRA expand): one set and t_out, per-row sets with out-of-range
+# indices and ranks, rank 1 / odd / 64, per-channel and group scales, 16- and 64-row tiles,
+# split-K and one split, columns past N in the last tile.
+INT8_ADDEND = [
+    "op=mma dtype=bf16 dir=fwd M=5 N=40 K=64 lora=16 tsplits=3",
+    "op=mma dtype=f16 dir=fwd M=16 N=33 K=96 group=32 lora=7 tsplits=2 splits=2 det=1",
+    "op=mma dtype=bf16 dir=fwd M=70 N=136 K=128 lora=64 bias=0",
+    "op=mma dtype=f16 dir=fwd M=37 N=72 K=64 group=64 lora=1 tsplits=4",
+    "op=mma dtype=bf16 dir=fwd M=13 N=48 K=256 lora=24 sets=5 bad=1 splits=3 det=1",
+    "op=mma dtype=f16 dir=fwd M=80 N=257 K=48 lora=16 sets=9 tsplits=2",
+    "op=mma dtype=bf16 dir=fwd M=66 N=40 K=160 group=32 lora=33 sets=70",  # 4 sets a chunk
+    "op=mma dtype=f16 dir=fwd M=16 N=130 K=64 lora=64 sets=16",  # 2 sets a chunk, 16-row tile
+    "op=mma dtype=f16 dir=fwd M=3 N=8 K=32 lora=16 tout=0 mis=y ypad=1",
+    "op=mma dtype=bf16 dir=fwd M=40 N=100 K=1024 lora=16 tsplits=5 dist=real",
+    "op=mma dtype=f16 dir=fwd M=9 N=64 K=512 group=128 lora=48 sets=3 dist=real",
+    # the dense 16-bit weight (the LoRA ops' dense base): K % 8 only, both tiles, split-K
+    "op=mma dtype=bf16 dir=fwd M=37 N=136 K=200 weight=dense lora=16 tsplits=2",
+    "op=mma dtype=f16 dir=fwd M=16 N=33 K=1032 weight=dense lora=5 sets=4 bad=1 splits=3 det=1",
+    "op=mma dtype=bf16 dir=fwd M=70 N=72 K=64 weight=dense lora=64 sets=66 bias=0 mis=y ypad=1",
+    "op=mma dtype=f16 dir=fwd M=3 N=257 K=8 weight=dense lora=1",
+    "op=mma dtype=bf16 dir=fwd M=64 N=100 K=2048 weight=dense lora=16 dist=real",
+]
 
 
 INT8_INVALID = [
@@ -316,6 +341,12 @@ INT8_INVALID = [
     "op=mma dtype=f16 dir=tr M=2 N=16 K=32 bias=1",
     "op=mma dtype=f16 dir=fwd M=2 N=8 K=96 group=48",
     "op=dequant dtype=bf16 N=64 K=32 mis=q",
+    "op=mma dtype=f16 dir=fwd M=2 N=8 K=32 lora=0",  # addend rank 0
+    "op=mma dtype=f16 dir=fwd M=2 N=8 K=32 lora=65",  # addend rank past 64
+    "op=mma dtype=f16 dir=fwd M=2 N=8 K=32 weight=dense",  # a dense weight without an addend
+    "op=mma dtype=f16 dir=fwd M=2 N=8 K=36 weight=dense lora=4",  # K % 8 != 0
+    "op=mma dtype=f16 dir=fwd M=2 N=8 K=32 weight=dense lora=4 mis=w",  # W misaligned
+    "op=mma dtype=f16 dir=fwd M=2 N=8 K=64 weight=dense lora=4 group=32",
 ]
 
 
@@ -351,6 +382,15 @@ def int8_sweep(rng: random.Random, n: int) -> list[str]:
             "dist": rng.choice(["int", "real"]),
             "seed": rng.randrange(2**31),
         }
+        if not tr and rng.random() < 0.4:  # the low-rank addend
+            case |= {
+                "lora": rng.choice([1, 5, 16, 32, 64]),
+                "sets": rng.choice([0, 0, 2, 7]),
+                "tsplits": rng.choice([1, 2, 5]),
+                "bad": rng.randrange(2),
+            }
+            if g == 0 and rng.random() < 0.5:  # on a dense weight (K % 8 is enough)
+                case |= {"weight": "dense", "K": k + rng.choice([0, 8, 24]), "mis": "-"}
         cases.append(" ".join(f"{k}={v}" for k, v in case.items()))
     return cases
 
@@ -363,6 +403,8 @@ INT8_TSAN = [
     "op=mma dtype=bf16 dir=tr M=5 N=320 K=64 group=64 splits=3",
     "op=mma dtype=f16 dir=tr M=20 N=40 K=48",
     "op=dequant dtype=bf16 N=33 K=96 group=32",
+    "op=mma dtype=bf16 dir=fwd M=20 N=40 K=128 lora=16 sets=3 splits=2",
+    "op=mma dtype=f16 dir=fwd M=5 N=40 K=328 weight=dense lora=8 splits=2",
 ]
 
 

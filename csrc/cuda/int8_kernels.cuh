@@ -21,6 +21,30 @@ namespace cuda {
 
 enum class Int8DType { kFloat32, kFloat16, kBFloat16 };
 
+// An optional low-rank addend of the forward product (the LoRA expand of csrc/cuda/lora_cuda.cpp,
+// fused into the epilogue so that y is written once):
+//   y[m, n] += s_m · Σ_{j < r_m} round(t[m, j]) · B[a_m, n, j],   t = Σ_s t_partial[s]
+// t_partial (t_splits, M, rank) float32 (the LoRA shrink's output; summed in split order 0, 1, ...
+// and rounded to the activation dtype, as lora_gemv.cu does); B (n_sets, N, rank) in the activation
+// dtype, contiguous. Row m uses set a_m = index[m] (index == nullptr: 0; outside [0, n_sets): no
+// addend for that row), the first r_m = ranks[a_m] columns clamped to [0, rank] (ranks ==
+// nullptr: rank) and s_m = scales[a_m] (scales == nullptr: scale). Columns of B at or past r_m
+// are never multiplied (they may hold anything). t_out (M, rank) in the activation dtype, when
+// not nullptr, receives round(t) (rows without a set: 0).
+struct Int8LowRankAddend {
+  const float* t_partial;
+  int64_t t_splits;
+  int64_t rank;  // 1..kInt8MaxAddendRank
+  const void* B;
+  const int32_t* index;
+  const int32_t* ranks;
+  const float* scales;
+  float scale;
+  int64_t n_sets;
+  void* t_out;
+};
+constexpr int64_t kInt8MaxAddendRank = 64;
+
 // One tensor-core GEMM C (M, C) = A (M, R) · B (R, C) + bias with B derived from the weight:
 //   forward    (transposed = false): A = x (M, K),  B[k, n] = W[n, k], R = K, C = N, + bias
 //   transposed (transposed = true):  A = dy (M, N), B[n, k] = W[n, k], R = N, C = K (no bias)
@@ -48,6 +72,15 @@ struct Int8MmaArgs {
   bool transposed;
   Int8DType dtype;
   int splits;  // 0: chosen by the plan; > 0: forced (tests, benchmarks), clamped to the k steps
+  // Forward only: the low-rank addend (above), or nullptr. t_partial, B, index, ranks, scales
+  // and t_out must not alias y.
+  const Int8LowRankAddend* addend = nullptr;
+  // Forward with an addend only (the LoRA ops' dense base): when set, the weight is this dense
+  // W (N, K) in the activation dtype, row stride ldw (16-byte aligned, ldw % 8 == 0, K % 8 ==
+  // 0 suffices), and qpacked, scales and group_size are unused (group_size must be 0). The same
+  // tiles, pipeline and split-K; the stage holds 16 KiB of weights instead of 8.
+  const void* dense_weight = nullptr;
+  int64_t ldw = 0;
 };
 
 // How a problem is cut: tiles of bm x 128 outputs, the reduction in steps of 64, split over
@@ -106,9 +139,10 @@ inline Int8MmaPlan int8_mma_plan(const Int8MmaArgs& a, int num_sms) {
   p.bn = kInt8MmaBN;
   p.stages = kInt8MmaStages;
   p.n_tiles = int8_ceil_div(C, p.bn);
+  const bool dense = a.dense_weight != nullptr;
   p.bm = a.M <= 16 ? 16 : 64;
   p.threads = 128;
-  p.blocks_per_sm = p.bm == 16 ? 4 : 3;
+  p.blocks_per_sm = (p.bm == 16 ? 4 : 3) - (dense ? 1 : 0);  // dense: twice the weight bytes
   p.m_tiles = int8_ceil_div(a.M > 0 ? a.M : 0, p.bm);
   p.tiles = p.m_tiles * p.n_tiles;
   p.steps = int8_ceil_div(R, kInt8MmaBK);
@@ -143,9 +177,9 @@ inline Int8MmaPlan int8_mma_plan(const Int8MmaArgs& a, int num_sms) {
   p.splits = static_cast<int>(splits);
   p.steps_per_split = int8_ceil_div(p.steps, splits);  // the longest split
   p.grid = p.tiles * p.splits;
-  const size_t stage = static_cast<size_t>(p.bm) * kInt8MmaBK * 2  // activations
-                       + static_cast<size_t>(p.bn) * kInt8MmaBK    // int8 weights
-                       + 512;                                      // staged scales
+  const size_t stage = static_cast<size_t>(p.bm) * kInt8MmaBK * 2                  // activations
+                       + static_cast<size_t>(p.bn) * kInt8MmaBK * (dense ? 2 : 1)  // weights
+                       + (dense ? 0 : 512);                                        // scales
   p.smem_bytes = stage * p.stages;
   if (p.splits > 1) {
     p.workspace_floats = static_cast<size_t>(p.grid) * p.bm * p.bn;

@@ -33,6 +33,17 @@
 //     counter; the last one adds all partials in split order 0, 1, ... (its own read back too),
 //     one whole partial per round (all its loads in flight): deterministic, no atomics on
 //     values. It resets the counter for the next launch.
+//   * The low-rank addend (kAddend, forward; int8_kernels.cuh Int8LowRankAddend: the LoRA
+//     expand), in the CTA that writes the tile, on the tensor cores too: t of the tile's rows is
+//     summed from the shrink's partials, rounded and staged in shared memory (the pipeline's
+//     buffers, free by then), then for each distinct set (adapter) among the tile's rows one
+//     pass of m16n8k16 MMAs over k = rank: A = the staged t with the rows of other sets zeroed
+//     in the fragment, B = the set's 128 B rows, staged in shared memory a chunk of sets at a
+//     time (columns past the set's rank zeroed), into a fresh float32 fragment that is
+//     scaled by the set's s and added to the accumulators (per-channel scales are applied to the
+//     accumulators first: they belong to the base product alone). Rows of other sets add an
+//     exact +0, so the order of the passes never changes a result. One adapter: one pass of
+//     rank / 16 MMAs per n8 tile, against the tile's K / 16 of the main loop.
 //   * Epilogue from registers: (per-channel scale,) bias, one rounding, 32-bit pair stores.
 //
 // Expected performance (H100/H200 SXM, bf16, 4.3 TB/s copy, ~660 TFLOP/s mma.sync; to be
@@ -43,6 +54,13 @@
 // (bf16: ~3 instructions per weight, amortised over the 4 m16 tiles of a warp) take about as long
 // as the stream: ~1.3x. At M = 4096 mma.sync reaches at best ~2/3 of cuBLAS's wgmma rate: ~0.6x,
 // so large M goes to dequantize + cuBLAS (lrkernels/ops/int8.py, expected ~0.93x).
+// With the low-rank addend (LoRA, 4096^2, r = 16): the epilogue CTA of a tile adds one pass of
+// 4 x kFM MMAs per distinct adapter (+0.4% of the tile's MMAs for one adapter), reads its t
+// partials (<= 16 KiB) and stages 4 KiB of B per adapter, so one adapter costs about the base
+// kernel plus the shrink launch before it: M = 16 ~4 us + ~1-2 us (kernel boundary, no PDL
+// yet) = ~1.3x int8_linear alone (goal 1.05x; Programmatic Dependent Launch would overlap the
+// shrink with the weight stream). 64 adapters at M = 64: 256 KiB of B per epilogue CTA, staged
+// 9 adapters a chunk (one latency per chunk), ~1-2 us on 32 SMs: ~1.3-1.5x the base (goal 1.6x).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -69,19 +87,22 @@ constexpr int kUnitBytes = 512;     // one packed unit: 32 rows x 16 columns
 constexpr int kUnitsPerStage = 16;  // forward 4 x 4, transposed 2 x 8
 constexpr int kScaleBytes = 512;    // staged scales per stage (<= 256 values)
 
-template <int kBM>
+// kDense: the weight is a 16-bit W (N, K) (the LoRA ops' dense base), staged like the
+// activations (128 rows x 8 chunks of 16 bytes, XOR-swizzled), no scales. Twice the weight bytes
+// per stage: one CTA fewer per SM (int8_mma_plan).
+template <int kBM, bool kDense = false>
 struct Cfg {
   static_assert(kBM == 16 || kBM == 64, "16- or 64-row tiles");
   static constexpr int kWM = 1;  // warps along M
   static constexpr int kWN = 4;  // warps along the output columns, 32 each
   static constexpr int kThreads = 32 * kWM * kWN;
   static constexpr int kFM = kBM / (16 * kWM);  // m16 tiles per warp: 1 or 4
-  static constexpr int kMinBlocks = kBM == 16 ? 4 : 3;
+  static constexpr int kMinBlocks = (kBM == 16 ? 4 : 3) - (kDense ? 1 : 0);
   static constexpr int kABytes = kBM * kBK * 2;
-  static constexpr int kWBytes = kUnitsPerStage * kUnitBytes;
-  static constexpr int kStageBytes = kABytes + kWBytes + kScaleBytes;
+  static constexpr int kWBytes = kUnitsPerStage * kUnitBytes * (kDense ? 2 : 1);
+  static constexpr int kStageBytes = kABytes + kWBytes + (kDense ? 0 : kScaleBytes);
   static constexpr int kSmemBytes = kStageBytes * kStages;
-  static_assert(kWBytes == kBN * kBK, "a stage holds 128 x 64 weights");
+  static_assert(kWBytes == kBN * kBK * (kDense ? 2 : 1), "a stage holds 128 x 64 weights");
 };
 
 template <typename T>
@@ -89,9 +110,11 @@ struct Params {
   const T* a;  // (M, R), row stride lda
   int64_t lda;
   const int8_t* q;  // packed units
-  int64_t nbs;      // row units: ceil(N / 32)
-  int64_t kbs;      // column units: K / 16
-  const T* s;       // scales (see int8_kernels.cuh)
+  const T* w;       // kDense: W (N, K), row stride ldw
+  int64_t ldw;
+  int64_t nbs;  // row units: ceil(N / 32)
+  int64_t kbs;  // column units: K / 16
+  const T* s;   // scales (see int8_kernels.cuh)
   int64_t sld;
   int64_t groups;  // K / G (group scales), 1 per channel
   int gshift;      // log2 G (group scales)
@@ -105,6 +128,8 @@ struct Params {
   float* ws;      // splits > 1: grid x kBM x kBN partial sums
   int* counters;  // splits > 1: one per tile
   bool pair_stores;
+  Int8LowRankAddend addend;  // kAddend instantiations only
+  int rank_pad;              // addend.rank rounded up to 16 (the MMA's k)
 };
 
 // Slot of record L of a unit in shared memory (see the header comment).
@@ -152,22 +177,36 @@ __device__ __forceinline__ void for_each_partial_pair(int64_t row0, int64_t M, i
   }
 }
 
-template <typename T, int kBM, bool kTrans, bool kGroup>
-__device__ __forceinline__ void load_stage(const Params<T>& p, unsigned char* base, int64_t st,
-                                           int64_t m0, int64_t c0) {
-  using Cf = Cfg<kBM>;
-  const int tid = static_cast<int>(threadIdx.x);
-  // Activations: kBM rows x 8 chunks; rows >= M and chunks >= R are zero-filled.
-  for (int q = tid; q < kBM * 8; q += Cf::kThreads) {
+// Rows row0 .. row0 + kRows of a row-major 16-bit matrix (row stride ld), columns col0 ..
+// col0 + 64, into a tile of kRows x 8 XOR-swizzled 16-byte chunks (a_chunk_offset); rows >= rows
+// and columns >= cols are zero-filled (cols % 8 == 0).
+template <typename T, int kRows, int kThreads>
+__device__ __forceinline__ void load_rows_async(unsigned char* dst, const T* src, int64_t ld,
+                                                int64_t row0, int64_t rows, int64_t col0,
+                                                int64_t cols) {
+  for (int q = static_cast<int>(threadIdx.x); q < kRows * 8; q += kThreads) {
     const int r = q >> 3;
     const int c = q & 7;
-    const int64_t m = m0 + r;
-    const int64_t col = st * kBK + 8 * c;
-    const bool ok = m < p.M && col < p.R;
-    ptx::cp_async_16(base + a_chunk_offset(r, c), ok ? p.a + m * p.lda + col : p.a, ok);
+    const int64_t row = row0 + r;
+    const int64_t col = col0 + 8 * c;
+    const bool ok = row < rows && col < cols;
+    ptx::cp_async_16(dst + a_chunk_offset(r, c), ok ? src + row * ld + col : src, ok);
+  }
+}
+
+template <typename T, int kBM, bool kTrans, bool kGroup, bool kDense>
+__device__ __forceinline__ void load_stage(const Params<T>& p, unsigned char* base, int64_t st,
+                                           int64_t m0, int64_t c0) {
+  using Cf = Cfg<kBM, kDense>;
+  const int tid = static_cast<int>(threadIdx.x);
+  // Activations: kBM rows x 8 chunks; rows >= M and chunks >= R are zero-filled.
+  load_rows_async<T, kBM, Cf::kThreads>(base, p.a, p.lda, m0, p.M, st * kBK, p.R);
+  unsigned char* wbase = base + Cf::kABytes;
+  if constexpr (kDense) {  // 128 rows n x 8 chunks k, swizzled like the activations
+    load_rows_async<T, kBN, Cf::kThreads>(wbase, p.w, p.ldw, c0, p.N, st * kBK, p.R);
+    return;
   }
   // Weights: 16 units x 32 records.
-  unsigned char* wbase = base + Cf::kABytes;
   for (int q = tid; q < kUnitsPerStage * 32; q += Cf::kThreads) {
     const int u = q >> 5;
     const int rec = q & 31;
@@ -217,10 +256,10 @@ __device__ __forceinline__ void load_a_fragments(uint32_t a_base, int row0, int 
   }
 }
 
-template <typename T, int kBM, bool kGroup>
+template <typename T, int kBM, bool kGroup, bool kDense>
 __device__ __forceinline__ void compute_forward(const Params<T>& p, const unsigned char* base,
                                                 float (&acc)[Cfg<kBM>::kFM][4][4]) {
-  using Cf = Cfg<kBM>;
+  using Cf = Cfg<kBM, kDense>;
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warp = static_cast<int>(threadIdx.x) >> 5;
   const int wm = warp / Cf::kWN;
@@ -243,6 +282,25 @@ __device__ __forceinline__ void compute_forward(const Params<T>& p, const unsign
     }
     uint32_t af[Cf::kFM][4];
     load_a_fragments<T, kBM>(a_base, wm * 16 * Cf::kFM, 2 * kk, af);
+    if constexpr (kDense) {
+      // ldmatrix.x4 per pair of n8 tiles: matrices (n8 tile 2jj, k 0-7), (2jj, k 8-15),
+      // (2jj + 1, k 0-7), (2jj + 1, k 8-15) of the k16 step; rows of W are the mma's B columns,
+      // so the non-transposed load gives each lane its (n = g, k = 2t, 2t + 1) pairs.
+      const uint32_t w_base = ptx::smem_addr(wbase);
+      const int mat = lane >> 3;
+#pragma unroll
+      for (int jj = 0; jj < 2; ++jj) {
+        uint32_t b[4];
+        const int row = wn * 32 + jj * 16 + (lane & 7) + ((mat >> 1) << 3);
+        ptx::ldmatrix_x4(b, w_base + a_chunk_offset(row, 2 * kk + (mat & 1)));
+#pragma unroll
+        for (int i = 0; i < Cf::kFM; ++i) {
+          ptx::mma_m16n8k16<T>(acc[i][2 * jj], af[i], b[0], b[1]);
+          ptx::mma_m16n8k16<T>(acc[i][2 * jj + 1], af[i], b[2], b[3]);
+        }
+      }
+      continue;
+    }
     const uint4 rec = *reinterpret_cast<const uint4*>(wbase + (wn * 4 + kk) * kUnitBytes +
                                                       record_slot(lane) * 16);
     const uint32_t words[4] = {rec.x, rec.y, rec.z, rec.w};
@@ -322,13 +380,158 @@ __device__ __forceinline__ void compute_transposed(const Params<T>& p, const uns
   }
 }
 
-template <typename T, int kBM, bool kTrans, bool kGroup>
-__global__ void __launch_bounds__(Cfg<kBM>::kThreads, Cfg<kBM>::kMinBlocks)
+// Clamped rank of addend set a (0 <= a < n_sets).
+__device__ __forceinline__ int addend_rank(const Int8LowRankAddend& ad, int a) {
+  const int64_t r = ad.ranks != nullptr ? ad.ranks[a] : ad.rank;
+  return static_cast<int>(r < 0 ? 0 : (r > ad.rank ? ad.rank : r));
+}
+
+// Shared memory of the addend (in the pipeline's buffers): t rows (kBM x (rank_pad + 8) in T:
+// the 8-element pad puts the fragment reads of rows g = 0..7 in distinct banks), the set of each
+// row, the distinct sets and their count.
+template <typename T, int kBM>
+__device__ __forceinline__ size_t addend_smem_bytes(int rank_pad) {
+  return static_cast<size_t>(kBM) * (rank_pad + 8) * sizeof(T) + (2 * kBM + 1) * sizeof(int);
+}
+
+// acc (the tile's float32 sums, per-channel scales already applied) += the low-rank addend of
+// rows m0 .. m0 + kBM, columns c0 .. c0 + 128. Called by every thread of the CTA that writes the
+// tile (it has barriers); `smem` is the pipeline's shared memory, no longer in use.
+template <typename T, int kBM, bool kDense>
+__device__ __forceinline__ void add_low_rank(const Params<T>& p, unsigned char* smem, int64_t m0,
+                                             int64_t c0, float (&acc)[Cfg<kBM>::kFM][4][4]) {
+  using Cf = Cfg<kBM, kDense>;
+  const Int8LowRankAddend& ad = p.addend;
+  const int R = static_cast<int>(ad.rank);
+  const int RP = p.rank_pad;
+  const int ts_ld = RP + 8;
+  T* ts = reinterpret_cast<T*>(smem);
+  int* row_set = reinterpret_cast<int*>(smem + static_cast<size_t>(kBM) * ts_ld * sizeof(T));
+  int* sets = row_set + kBM;
+  int* n_sets = sets + kBM;
+  const int tid = static_cast<int>(threadIdx.x);
+
+  __syncthreads();  // every warp is done with the pipeline's buffers
+  if (tid == 0) *n_sets = 0;
+  for (int r = tid; r < kBM; r += Cf::kThreads) {
+    const int64_t m = m0 + r;
+    int a = -1;
+    if (m < p.M) {
+      const int64_t v = ad.index != nullptr ? ad.index[m] : 0;
+      a = v >= 0 && v < ad.n_sets ? static_cast<int>(v) : -1;
+    }
+    row_set[r] = a;
+  }
+  __syncthreads();
+  // t = round(Σ_s partial[s]) in split order for j < the row's rank; zeros elsewhere (no set,
+  // past the rank, the padding to rank_pad). The column-0 tiles also write t_out.
+  const bool write_t = ad.t_out != nullptr && c0 == 0;
+  for (int q = tid; q < kBM * RP; q += Cf::kThreads) {
+    const int r = q / RP;
+    const int j = q % RP;
+    const int a = row_set[r];
+    const int64_t m = m0 + r;
+    float v = 0.f;
+    if (a >= 0 && j < addend_rank(ad, a)) {
+      for (int64_t s = 0; s < ad.t_splits; ++s) v += ad.t_partial[(s * p.M + m) * R + j];
+    }
+    const T tv = cvt::from_float<T>(v);
+    ts[r * ts_ld + j] = tv;
+    if (write_t && m < p.M && j < R) static_cast<T*>(ad.t_out)[m * R + j] = tv;
+  }
+  // The distinct sets of the tile: each row that is its set's first claims a slot (slot order
+  // is arbitrary, and harmless: see the header comment).
+  for (int r = tid; r < kBM; r += Cf::kThreads) {
+    const int a = row_set[r];
+    bool first = a >= 0;
+    for (int r2 = 0; r2 < r && first; ++r2) first = row_set[r2] != a;
+    if (first) sets[atomicAdd(n_sets, 1)] = a;
+  }
+  __syncthreads();
+
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wm = warp / Cf::kWN;
+  const int wn = warp % Cf::kWN;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const T* Bbase = static_cast<const T*>(ad.B);
+  const int count = *n_sets;
+  // B rows of the tile's columns, a chunk of sets at a time, staged in shared memory behind
+  // the t rows: every load of a chunk is in flight at once (one latency per chunk, not per set;
+  // 64 distinct adapters at r = 16 are 7 chunks on a 64-row tile), and the block is one
+  // contiguous (128 x rank) run of global memory per set. Zeros past the set's rank and past N.
+  const int bs_ld = RP + 8;  // 8-element pad: the fragment reads of n = g hit distinct banks
+  const int per_set = kBN * bs_ld;
+  const size_t b_off = (addend_smem_bytes<T, kBM>(RP) + 15) / 16 * 16;
+  T* bs = reinterpret_cast<T*>(smem + b_off);
+  const int chunk = static_cast<int>((Cf::kSmemBytes - b_off) / (per_set * sizeof(T)));
+  const T zero = cvt::from_float<T>(0.f);
+#pragma unroll 1
+  for (int d0 = 0; d0 < count; d0 += chunk) {
+    const int nd = count - d0 < chunk ? count - d0 : chunk;
+    __syncthreads();  // the previous chunk's fragments are read
+    for (int q = tid; q < nd * kBN * RP; q += Cf::kThreads) {
+      const int dl = q / (kBN * RP);
+      const int nl = (q / RP) % kBN;
+      const int k = q % RP;
+      const int a = sets[d0 + dl];
+      const int64_t n = c0 + nl;
+      bs[dl * per_set + nl * bs_ld + k] = n < p.N && k < addend_rank(ad, a)
+                                              ? Bbase[(static_cast<int64_t>(a) * p.N + n) * R + k]
+                                              : zero;
+    }
+    __syncthreads();
+#pragma unroll 1
+    for (int dl = 0; dl < nd; ++dl) {
+      const int a = sets[d0 + dl];
+      const float sa = ad.scales != nullptr ? ad.scales[a] : ad.scale;
+      const T* bset = bs + dl * per_set;
+#pragma unroll  // j must be static: acc[i][j] indexed at run time would live in local memory
+      for (int j = 0; j < 4; ++j) {
+        const T* brow = bset + (wn * 32 + 8 * j + g) * bs_ld;  // this lane's B column
+        float part[Cf::kFM][4];
+#pragma unroll
+        for (int i = 0; i < Cf::kFM; ++i) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) part[i][e] = 0.f;
+        }
+#pragma unroll 1
+        for (int k16 = 0; k16 < RP; k16 += 16) {
+          const uint32_t b0 = *reinterpret_cast<const uint32_t*>(brow + k16 + 2 * t);
+          const uint32_t b1 = *reinterpret_cast<const uint32_t*>(brow + k16 + 8 + 2 * t);
+#pragma unroll
+          for (int i = 0; i < Cf::kFM; ++i) {
+            const int r0 = wm * 16 * Cf::kFM + 16 * i + g;  // rows r0 and r0 + 8 of the tile
+            const bool in0 = row_set[r0] == a;
+            const bool in1 = row_set[r0 + 8] == a;
+            const T* t0 = ts + r0 * ts_ld + k16 + 2 * t;
+            const T* t1 = t0 + 8 * ts_ld;
+            const uint32_t af[4] = {in0 ? *reinterpret_cast<const uint32_t*>(t0) : 0u,
+                                    in1 ? *reinterpret_cast<const uint32_t*>(t1) : 0u,
+                                    in0 ? *reinterpret_cast<const uint32_t*>(t0 + 8) : 0u,
+                                    in1 ? *reinterpret_cast<const uint32_t*>(t1 + 8) : 0u};
+            ptx::mma_m16n8k16<T>(part[i], af, b0, b1);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < Cf::kFM; ++i) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[i][j][e] = fmaf(sa, part[i][e], acc[i][j][e]);
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int kBM, bool kTrans, bool kGroup, bool kAddend, bool kDense>
+__global__ void __launch_bounds__(Cfg<kBM, kDense>::kThreads, Cfg<kBM, kDense>::kMinBlocks)
     int8_mma_kernel(const Params<T> p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // bf16 mma and cp.async need sm_80; the launcher never selects this below 8.0
 #else
-  using Cf = Cfg<kBM>;
+  static_assert(!kDense || (!kTrans && !kGroup && kAddend), "dense weights: the LoRA forward");
+  using Cf = Cfg<kBM, kDense>;
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ int last_split;
 
@@ -356,7 +559,9 @@ __global__ void __launch_bounds__(Cfg<kBM>::kThreads, Cfg<kBM>::kMinBlocks)
   // Pipeline: stage `it` lives in slot it % kStages; kStages - 1 stages are in flight.
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < nst) load_stage<T, kBM, kTrans, kGroup>(p, smem + s * Cf::kStageBytes, st0 + s, m0, c0);
+    if (s < nst) {
+      load_stage<T, kBM, kTrans, kGroup, kDense>(p, smem + s * Cf::kStageBytes, st0 + s, m0, c0);
+    }
     ptx::cp_async_commit();
   }
   for (int it = 0; it < nst; ++it) {
@@ -364,15 +569,15 @@ __global__ void __launch_bounds__(Cfg<kBM>::kThreads, Cfg<kBM>::kMinBlocks)
     __syncthreads();  // everyone's have; everyone is done with the slot refilled below
     const int next = it + kStages - 1;
     if (next < nst) {
-      load_stage<T, kBM, kTrans, kGroup>(p, smem + (next % kStages) * Cf::kStageBytes, st0 + next,
-                                         m0, c0);
+      load_stage<T, kBM, kTrans, kGroup, kDense>(p, smem + (next % kStages) * Cf::kStageBytes,
+                                                 st0 + next, m0, c0);
     }
     ptx::cp_async_commit();
     const unsigned char* stage = smem + (it % kStages) * Cf::kStageBytes;
     if constexpr (kTrans) {
       compute_transposed<T, kBM, kGroup>(p, stage, acc);
     } else {
-      compute_forward<T, kBM, kGroup>(p, stage, acc);
+      compute_forward<T, kBM, kGroup, kDense>(p, stage, acc);
     }
   }
   ptx::cp_async_wait<0>();
@@ -430,6 +635,25 @@ __global__ void __launch_bounds__(Cfg<kBM>::kThreads, Cfg<kBM>::kMinBlocks)
     if (tid == 0) p.counters[tile] = 0;  // ready for the next launch
   }
 
+  if constexpr (kAddend) {
+    if constexpr (!kGroup && !kDense) {  // per-channel scales scale the base product only
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t col = col0 + 8 * j;
+        const float s0 = col < p.C ? cvt::to_float(p.s[col]) : 0.f;
+        const float s1 = col + 1 < p.C ? cvt::to_float(p.s[col + 1]) : 0.f;
+#pragma unroll
+        for (int i = 0; i < Cf::kFM; ++i) {
+          acc[i][j][0] *= s0;
+          acc[i][j][1] *= s1;
+          acc[i][j][2] *= s0;
+          acc[i][j][3] *= s1;
+        }
+      }
+    }
+    add_low_rank<T, kBM, kDense>(p, smem, m0, c0, acc);
+  }
+
   // Epilogue: (per-channel scale,) bias, round, store.
 #pragma unroll
   for (int i = 0; i < Cf::kFM; ++i) {
@@ -446,8 +670,8 @@ __global__ void __launch_bounds__(Cfg<kBM>::kThreads, Cfg<kBM>::kMinBlocks)
         float v0 = acc[i][j][2 * h];
         float v1 = acc[i][j][2 * h + 1];
         if constexpr (!kTrans) {
-          const float s0 = kGroup ? 1.f : cvt::to_float(p.s[col]);
-          const float s1 = kGroup || !second ? 1.f : cvt::to_float(p.s[col + 1]);
+          const float s0 = kGroup || kAddend ? 1.f : cvt::to_float(p.s[col]);
+          const float s1 = kGroup || kAddend || !second ? 1.f : cvt::to_float(p.s[col + 1]);
           const float b0 = p.bias != nullptr ? cvt::to_float(p.bias[col]) : 0.f;
           const float b1 = p.bias != nullptr && second ? cvt::to_float(p.bias[col + 1]) : 0.f;
           v0 = fmaf(v0, s0, b0);
@@ -465,42 +689,53 @@ __global__ void __launch_bounds__(Cfg<kBM>::kThreads, Cfg<kBM>::kMinBlocks)
 #endif
 }
 
-template <typename T, int kBM, bool kTrans, bool kGroup>
+template <typename T, int kBM, bool kTrans, bool kGroup, bool kAddend, bool kDense>
 cudaError_t launch_config(const Params<T>& p, const Int8MmaPlan& plan, cudaStream_t stream) {
-  auto* kernel = int8_mma_kernel<T, kBM, kTrans, kGroup>;
-  constexpr int kSmem = Cfg<kBM>::kSmemBytes;
-  if (static_cast<size_t>(kSmem) != plan.smem_bytes || Cfg<kBM>::kThreads != plan.threads) {
+  using Cf = Cfg<kBM, kDense>;
+  auto* kernel = int8_mma_kernel<T, kBM, kTrans, kGroup, kAddend, kDense>;
+  constexpr int kSmem = Cf::kSmemBytes;
+  if (static_cast<size_t>(kSmem) != plan.smem_bytes || Cf::kThreads != plan.threads ||
+      Cf::kMinBlocks != plan.blocks_per_sm) {
     return cudaErrorInvalidValue;  // the plan and the kernel disagree: a bug, not a user error
+  }
+  // The addend's t rows and at least one set of B rows must fit in the pipeline's buffers.
+  if (kAddend && (addend_smem_bytes<T, kBM>(p.rank_pad) + 15) / 16 * 16 +
+                         static_cast<size_t>(kBN) * (p.rank_pad + 8) * sizeof(T) >
+                     static_cast<size_t>(kSmem)) {
+    return cudaErrorInvalidValue;  // cannot happen for ranks <= kInt8MaxAddendRank
   }
   if (kSmem > 48 * 1024) {
     const cudaError_t err =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (err != cudaSuccess) return err;
   }
-  kernel<<<static_cast<unsigned>(plan.grid), Cfg<kBM>::kThreads, kSmem, stream>>>(p);
+  kernel<<<static_cast<unsigned>(plan.grid), Cf::kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <typename T, bool kTrans, bool kGroup>
+template <typename T, bool kTrans, bool kGroup, bool kAddend, bool kDense>
 cudaError_t launch_bm(const Params<T>& p, const Int8MmaPlan& plan, cudaStream_t stream) {
   switch (plan.bm) {
     case 16:
-      return launch_config<T, 16, kTrans, kGroup>(p, plan, stream);
+      return launch_config<T, 16, kTrans, kGroup, kAddend, kDense>(p, plan, stream);
     case 64:
-      return launch_config<T, 64, kTrans, kGroup>(p, plan, stream);
+      return launch_config<T, 64, kTrans, kGroup, kAddend, kDense>(p, plan, stream);
     default:
       return cudaErrorInvalidValue;
   }
 }
 
-// Fills Params from checked args (see launch_int8_mma) and launches direction kTrans.
-template <typename T, bool kTrans>
+// Fills Params from checked args (see launch_int8_mma) and launches direction kTrans (kAddend:
+// the forward with args.addend; kDense: with args.dense_weight).
+template <typename T, bool kTrans, bool kAddend = false, bool kDense = false>
 cudaError_t launch_direction(const Int8MmaArgs& a, const Int8MmaPlan& plan, float* ws,
                              int* counters, cudaStream_t stream) {
   Params<T> p;
   p.a = static_cast<const T*>(a.a);
   p.lda = a.lda;
   p.q = a.qpacked;
+  p.w = static_cast<const T*>(a.dense_weight);
+  p.ldw = a.ldw;
   p.nbs = util::ceil_div(a.N, 32);
   p.kbs = a.K / 16;
   p.s = static_cast<const T*>(a.scales);
@@ -520,8 +755,14 @@ cudaError_t launch_direction(const Int8MmaArgs& a, const Int8MmaPlan& plan, floa
   p.ws = ws;
   p.counters = counters;
   p.pair_stores = (reinterpret_cast<uintptr_t>(a.y) & 3u) == 0 && a.ldy % 2 == 0;
-  return a.group_size > 0 ? launch_bm<T, kTrans, true>(p, plan, stream)
-                          : launch_bm<T, kTrans, false>(p, plan, stream);
+  p.addend = kAddend ? *a.addend : Int8LowRankAddend{};
+  p.rank_pad = kAddend ? static_cast<int>(util::ceil_div(a.addend->rank, 16) * 16) : 0;
+  if constexpr (kDense) {
+    return launch_bm<T, false, false, true, true>(p, plan, stream);
+  } else {
+    return a.group_size > 0 ? launch_bm<T, kTrans, true, kAddend, false>(p, plan, stream)
+                            : launch_bm<T, kTrans, false, kAddend, false>(p, plan, stream);
+  }
 }
 
 // The direction-specific entry points (int8_mma_fwd.cu, int8_mma_tr.cu).
@@ -529,6 +770,10 @@ cudaError_t launch_forward(const Int8MmaArgs& a, const Int8MmaPlan& plan, float*
                            cudaStream_t stream);
 cudaError_t launch_transposed(const Int8MmaArgs& a, const Int8MmaPlan& plan, float* ws,
                               int* counters, cudaStream_t stream);
+cudaError_t launch_forward_addend(const Int8MmaArgs& a, const Int8MmaPlan& plan, float* ws,
+                                  int* counters, cudaStream_t stream);
+cudaError_t launch_forward_dense(const Int8MmaArgs& a, const Int8MmaPlan& plan, float* ws,
+                                 int* counters, cudaStream_t stream);
 
 }  // namespace int8_mma
 }  // namespace cuda

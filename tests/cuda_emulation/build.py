@@ -69,7 +69,15 @@ FAMILIES = {
         "lowrank_driver.cpp",
     ),
     "int8": Family(
-        "int8", ("int8_mma_fwd.cu", "int8_mma_tr.cu", "int8_dequant.cu"), "int8_driver.cpp"
+        "int8",
+        (
+            "int8_mma_fwd.cu",
+            "int8_mma_fwd_addend.cu",
+            "int8_mma_fwd_dense.cu",
+            "int8_mma_tr.cu",
+            "int8_dequant.cu",
+        ),
+        "int8_driver.cpp",
     ),
     "attention": Family(
         "attention",

@@ -194,6 +194,26 @@ class Values {
   std::mt19937_64 rng_;
 };
 
+// Per-row adapter indices, uniform in [-1, n) (bad: [-3, n + 2), out of range both ways), ranks
+// in [0, R] (bad: [-2, R + 2]) and scales (powers of two for dist=int) of a multi-adapter case:
+// index.size() rows, ranks.size() == scales.size() adapters. Snapshots all three.
+inline void random_adapter_sets(Values& vals, Buffer<int32_t>& index, Buffer<int32_t>& ranks,
+                                Buffer<float>& scales, int64_t n, int64_t R, bool bad) {
+  for (size_t m = 0; m < index.size(); ++m) {
+    const int64_t lo = bad ? -3 : -1, hi = bad ? n + 2 : n;  // [lo, hi)
+    index[m] = static_cast<int32_t>(lo + static_cast<int64_t>(vals.rng()() % (hi - lo)));
+  }
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    const int64_t lo = bad ? -2 : 0, hi = bad ? R + 3 : R + 1;
+    ranks[i] = static_cast<int32_t>(lo + static_cast<int64_t>(vals.rng()() % (hi - lo)));
+    scales[i] = vals.exact() ? std::ldexp(1.f, -static_cast<int>(vals.rng()() % 2))
+                             : 0.25f + static_cast<float>(i);
+  }
+  index.snapshot();
+  ranks.snapshot();
+  scales.snapshot();
+}
+
 // Compares outputs against the float64 reference: relative error |got - want| / scale, with
 // scale the sum of |terms| of that output. Any NaN (an element never written) fails.
 class Checker {

@@ -13,6 +13,12 @@
 //   [ypad=<extra elements per row of y>] [mis=<letters a q s b y: base off 16-byte alignment>]
 //   [det=1: run twice, outputs must be bitwise equal] [dist=int|real] [seed=N]
 //   [expect=ok|invalid]
+//   The low-rank addend (forward; int8_kernels.cuh Int8LowRankAddend, the fused LoRA expand):
+//   [lora=<rank>] [sets=0 (one set, no index) | n sets with per-row indices] [bad=1: indices and
+//   ranks out of range] [tsplits=<partials of t>] [tout=0|1]. B columns past a set's rank hold
+//   NaN (never multiplied); reference y += s_m · round(Σ partials) · B[a_m]ᵀ.
+//   [weight=dense]: the dense 16-bit weight of Int8MmaArgs::dense_weight (the LoRA ops' dense
+//   base; needs lora=, group=0, K % 8 == 0; mis=w shifts it): y = a · Wᵀ (+ bias, addend).
 // Checked besides the values: inputs unchanged, padding of y never written, split-K counters
 // back to zero, the plan's invariants (no empty split, grid = tiles x splits).
 #include <cmath>
@@ -29,6 +35,7 @@ namespace {
 using drv::Buffer;
 using lrkernels::cuda::Int8DequantArgs;
 using lrkernels::cuda::Int8DType;
+using lrkernels::cuda::Int8LowRankAddend;
 using lrkernels::cuda::Int8MmaArgs;
 using lrkernels::cuda::Int8MmaPlan;
 
@@ -100,6 +107,10 @@ std::string run_mma(const drv::Case& c, std::string* stats) {
       b(static_cast<size_t>(N), c.misaligned('b')),
       y(static_cast<size_t>(M * ldy), c.misaligned('y'));
   Buffer<int8_t> qp(static_cast<size_t>((N + 31) / 32 * 32 * K), c.misaligned('q'));
+  const bool dense = c.str("weight", "int8") == "dense";
+  Buffer<T> wd(static_cast<size_t>(dense ? N * K : 0), c.misaligned('w'));
+  for (size_t i = 0; i < (plan_mode ? 0 : wd.size()); ++i) wd[i] = drv::from_f<T>(vals.next());
+  wd.snapshot();
   for (size_t i = 0; i < (plan_mode ? 0 : a.size()); ++i) a[i] = drv::from_f<T>(vals.next());
   a.snapshot();
   vals.fill(b);
@@ -117,9 +128,13 @@ std::string run_mma(const drv::Case& c, std::string* stats) {
   Int8MmaArgs args{};
   args.a = a.data();
   args.lda = lda;
-  args.qpacked = qp.data();
-  args.scales = sk.data();
+  args.qpacked = dense ? nullptr : qp.data();  // a dense weight never reads them
+  args.scales = dense ? nullptr : sk.data();
   args.sld = sld;
+  if (dense) {
+    args.dense_weight = wd.data();
+    args.ldw = K;
+  }
   args.bias = has_bias ? b.data() : nullptr;
   args.y = y.data();
   args.ldy = ldy;
@@ -130,6 +145,51 @@ std::string run_mma(const drv::Case& c, std::string* stats) {
   args.transposed = tr;
   args.dtype = api_dtype<T>();
   args.splits = static_cast<int>(c.num("splits", 0));
+
+  // The low-rank addend: partials of t, B, per-row sets.
+  const int64_t LR = c.num("lora", 0), n_sets = c.num("sets", 0), TS = c.num("tsplits", 1);
+  const int64_t n_stack = n_sets > 0 ? n_sets : 1;
+  const bool bad = c.num("bad", 0) != 0, want_t = LR > 0 && n_sets == 0 && c.num("tout", 1) != 0;
+  const int64_t lr_alloc = LR > 0 ? LR : 0;
+  Buffer<float> tp(static_cast<size_t>(TS * M * lr_alloc), 0);
+  Buffer<T> lb(static_cast<size_t>(n_stack * N * lr_alloc), 0),
+      tout(static_cast<size_t>(want_t ? M * LR : 0), 0);
+  Buffer<int32_t> index(static_cast<size_t>(n_sets > 0 ? M : 0), 0),
+      ranks(static_cast<size_t>(n_sets), 0);
+  Buffer<float> set_scales(static_cast<size_t>(n_sets), 0);
+  const float lscale = vals.exact() ? 0.5f : 0.75f;
+  for (size_t i = 0; i < (plan_mode ? 0 : tp.size()); ++i) tp[i] = vals.next();
+  tp.snapshot();
+  drv::random_adapter_sets(vals, index, ranks, set_scales, n_sets, LR, bad);
+  auto set_of = [&](int64_t m) -> int64_t {
+    const int64_t v = n_sets > 0 ? index[m] : 0;
+    return v >= 0 && v < n_stack ? v : -1;
+  };
+  auto rank_of = [&](int64_t a) -> int64_t {
+    const int64_t r = n_sets > 0 ? ranks[a] : LR;
+    return r < 0 ? 0 : (r > LR ? LR : r);
+  };
+  for (int64_t a = 0; a < (plan_mode ? 0 : n_stack); ++a) {
+    for (int64_t o = 0; o < N; ++o) {
+      for (int64_t j = 0; j < LR; ++j) {
+        lb[(a * N + o) * LR + j] = drv::from_f<T>(j < rank_of(a) ? vals.next() : NAN);
+      }
+    }
+  }
+  lb.snapshot();
+  tout.fill_nan();
+  Int8LowRankAddend addend{tp.data(),
+                           TS,
+                           LR,
+                           lb.data(),
+                           n_sets > 0 ? index.data() : nullptr,
+                           n_sets > 0 ? ranks.data() : nullptr,
+                           n_sets > 0 ? set_scales.data() : nullptr,
+                           lscale,
+                           n_stack,
+                           want_t ? tout.data() : nullptr};
+  if (c.num("lora", -1) >= 0) args.addend = &addend;  // lora=0: a launch the API must refuse
+
   const Int8MmaPlan plan = lrkernels::cuda::int8_mma_plan(args, sms);
   if (expect_ok) {
     const std::string bad = plan_problem(plan);
@@ -168,14 +228,33 @@ std::string run_mma(const drv::Case& c, std::string* stats) {
   }
 
   drv::Checker check(drv::tolerance<T>(), vals.exact());  // before the O(N·K) W (plan mode)
+  // t = round(Σ partials) per row (0 past the row's rank, and for rows without a set).
+  std::vector<double> t_ref(static_cast<size_t>(M * lr_alloc), 0.0);
+  std::vector<double> t_abs(static_cast<size_t>(M), 0.0);
+  for (int64_t m = 0; m < M && LR > 0; ++m) {
+    const int64_t a = set_of(m);
+    for (int64_t j = 0; a >= 0 && j < rank_of(a); ++j) {
+      double sum = 0;
+      for (int64_t sp = 0; sp < TS; ++sp) {
+        sum += tp[(sp * M + m) * LR + j];
+        t_abs[m] += std::fabs(tp[(sp * M + m) * LR + j]);
+      }
+      t_ref[m * LR + j] = drv::round_to<T>(sum);
+    }
+    for (int64_t j = 0; want_t && j < LR; ++j) {
+      check.add("t[" + std::to_string(m) + "," + std::to_string(j) + "]",
+                drv::to_f(tout[m * LR + j]), t_ref[m * LR + j],
+                t_abs[m] + std::fabs(t_ref[m * LR + j]));
+    }
+  }
   // Reference: W as the kernel uses it.
-  const bool rounded_w = G > 0 || tr;
+  const bool rounded_w = (G > 0 || tr) && !dense;
   std::vector<double> w(static_cast<size_t>(N * K));
   for (int64_t n = 0; n < N; ++n) {
     for (int64_t k = 0; k < K; ++k) {
       const float sv = s[n * groups + (G > 0 ? k / G : 0)];
       const float qs = static_cast<float>(q[n * K + k]) * (rounded_w ? sv : 1.f);
-      w[n * K + k] = rounded_w ? drv::round_to<T>(qs) : qs;
+      w[n * K + k] = dense ? drv::to_f(wd[n * K + k]) : (rounded_w ? drv::round_to<T>(qs) : qs);
     }
   }
   for (int64_t m = 0; m < M; ++m) {
@@ -186,13 +265,26 @@ std::string run_mma(const drv::Case& c, std::string* stats) {
         sum += p;
         scale += std::fabs(p);
       }
-      if (!tr && G == 0) {  // per-channel scale in the epilogue
+      if (!tr && G == 0 && !dense) {  // per-channel scale in the epilogue
         sum *= s[o];
         scale *= s[o];
       }
       const double bias = has_bias ? drv::to_f(b[o]) : 0.0;
       sum += bias;
       scale += std::fabs(bias);
+      const int64_t a = LR > 0 ? set_of(m) : -1;
+      if (a >= 0) {
+        const double s_m = n_sets > 0 ? set_scales[a] : lscale;
+        double lsum = 0, lsc = 0;
+        for (int64_t j = 0; j < rank_of(a); ++j) {
+          const double p = t_ref[m * LR + j] * drv::to_f(lb[(a * N + o) * LR + j]);
+          lsum += p;
+          lsc += std::fabs(p);
+        }
+        sum += s_m * lsum;
+        // A one-ulp difference in a rounded t element moves the result by up to ulp(t) · |B|.
+        scale += std::fabs(s_m) * (lsc + t_abs[m] * drv::tolerance<T>());
+      }
       check.require_exact_range(scale, 0.25);  // dist=int: scales >= 1/4
       check.add("y[" + std::to_string(m) + "," + std::to_string(o) + "]", drv::to_f(y[m * ldy + o]),
                 drv::round_to<T>(sum), scale);
@@ -201,7 +293,9 @@ std::string run_mma(const drv::Case& c, std::string* stats) {
       if (!std::isnan(drv::to_f(y[m * ldy + o]))) check.fail("padding of y written");
     }
   }
-  if (!a.unchanged() || !qp.unchanged() || !sk.unchanged() || !b.unchanged()) {
+  if (!a.unchanged() || !qp.unchanged() || !sk.unchanged() || !b.unchanged() || !tp.unchanged() ||
+      !wd.unchanged() || !lb.unchanged() || !index.unchanged() || !ranks.unchanged() ||
+      !set_scales.unchanged()) {
     check.fail("an input was modified");
   }
   *stats = check.summary() + " (bm " + std::to_string(plan.bm) + ", splits " +

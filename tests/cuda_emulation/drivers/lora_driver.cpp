@@ -105,18 +105,7 @@ std::string run(const drv::Case& c, std::string* stats) {
   }
   s.snapshot();
   const float scale = vals.exact() ? 0.5f : 0.75f;
-  for (int64_t m = 0; m < static_cast<int64_t>(index.size()); ++m) {
-    const int64_t lo = bad ? -3 : -1, hi = bad ? n + 2 : n;  // [lo, hi)
-    index[m] = static_cast<int32_t>(lo + static_cast<int64_t>(vals.rng()() % (hi - lo)));
-  }
-  for (int64_t i = 0; i < static_cast<int64_t>(ranks.size()); ++i) {
-    const int64_t lo = bad ? -2 : 0, hi = bad ? R + 3 : R + 1;
-    ranks[i] = static_cast<int32_t>(lo + static_cast<int64_t>(vals.rng()() % (hi - lo)));
-    scales[i] = vals.exact() ? std::ldexp(1.f, -static_cast<int>(vals.rng()() % 2)) : 0.25f + i;
-  }
-  index.snapshot();
-  ranks.snapshot();
-  scales.snapshot();
+  drv::random_adapter_sets(vals, index, ranks, scales, n, R, bad);
   // Columns of A and B at or past an adapter's (clamped) rank hold NaN: they must never be read
   // into a result (0 · NaN would poison it).
   for (int64_t ad = 0; ad < static_cast<int64_t>(ranks.size()); ++ad) {
