@@ -98,6 +98,7 @@ GPU_CASES = [
     ("decode-int8-plain", "single", "int8", 16, "fwd", 0.0, 1),
     ("mid-dense", "single", "dense", 256, "fwd", 0.0, 1),
     ("mid-int8", "single", "int8-packed", 256, "fwd", 0.0, 1),
+    ("multi-64x64-int8", "multi", "int8-packed", 64, "fwd", 0.0, 64),
 ]
 CPU_CASES = [
     ("decode-dense", "single", "dense", 16, "fwd", 0.0, 1),

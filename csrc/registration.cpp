@@ -42,14 +42,18 @@ TORCH_LIBRARY(lrkernels, m) {
   // with W = weight (out, in) dense in x's dtype, or int8 dequantized with weight_scales (as
   // int8_linear); A (r, in), B (out, r); keep = the counter-based dropout mask of (seed, row,
   // col) (lrkernels/reference.py), none when dropout_threshold == 0. Returns y (..., out) and
-  // t = (keep ⊙ x) · Aᵀ as (M, r) in x's dtype (saved for the backward).
+  // t = (keep ⊙ x) · Aᵀ as (M, r) in x's dtype (saved for the backward). int8_path: how the cuda
+  // backend runs an int8 base product, as int8_linear's `path` (0: its built-in rule, 1: the
+  // tensor-core kernel, the LoRA term fused into its epilogue; 2: dequantize + cuBLAS); chosen by
+  // lrkernels.ops.int8.cuda_path (the measured table). A 3-D int8 weight is packed (layout 2).
   m.def(
       "lora_linear(Tensor x, Tensor weight, Tensor? weight_scales, Tensor A, Tensor B, "
-      "Tensor? bias, float scale, int dropout_threshold=0, Tensor? seed=None) -> (Tensor, Tensor)");
+      "Tensor? bias, float scale, int dropout_threshold=0, Tensor? seed=None, int int8_path=0) -> "
+      "(Tensor, Tensor)");
   // Its input gradient: dx (..., in) = dy · W + keep ⊙ (dt · A), dy (..., out), dt (M, r).
   m.def(
       "lora_linear_grad_input(Tensor dy, Tensor weight, Tensor? weight_scales, Tensor dt, "
-      "Tensor A, int dropout_threshold=0, Tensor? seed=None) -> Tensor");
+      "Tensor A, int dropout_threshold=0, Tensor? seed=None, int int8_path=0) -> Tensor");
   // Its A gradient: dA (r, in) = dtᵀ · (keep ⊙ x), x (..., in), dt (M, r).
   m.def("lora_linear_grad_A(Tensor dt, Tensor x, int dropout_threshold, Tensor seed) -> Tensor");
   // Multi-adapter batch (serving): y[m] = x[m] · Wᵀ + s[a] · x[m] · A[a, :r_a]ᵀ · B[a, :, :r_a]ᵀ
@@ -57,5 +61,6 @@ TORCH_LIBRARY(lrkernels, m) {
   // ranks int32 (n,), adapter_scales float32 (n,).
   m.def(
       "lora_linear_multi(Tensor x, Tensor weight, Tensor? weight_scales, Tensor A, Tensor B, "
-      "Tensor adapter_index, Tensor ranks, Tensor adapter_scales, Tensor? bias=None) -> Tensor");
+      "Tensor adapter_index, Tensor ranks, Tensor adapter_scales, Tensor? bias=None, "
+      "int int8_path=0) -> Tensor");
 }

@@ -67,17 +67,26 @@ def test_rules_follow_the_static_estimate():
     op = "lora_linear"
     assert _order(op, "cuda", "bfloat16", M=1) == ("cuda", "triton")
     assert _order(op, "cuda", "bfloat16", M=16, base="int8") == ("cuda", "triton")
-    assert _order(op, "cuda", "bfloat16", M=17) == ("triton",)
-    assert _order(op, "cuda", "float16", M=1024, mode="train", dropout=True) == ("triton",)
+    # 16 < M: the cuda tensor-core pass, adapter fused (dense up to 1024, int8 below 512)
+    assert _order(op, "cuda", "bfloat16", M=17) == ("cuda", "triton")
+    assert _order(op, "cuda", "float16", M=1024, mode="train", dropout=True) == ("cuda", "triton")
     assert _order(op, "cuda", "bfloat16", M=1025) == ("torch",)
-    assert _order(op, "cuda", "bfloat16", M=256, base="int8") == ("triton",)
-    assert _order(op, "cuda", "bfloat16", M=257, base="int8") == ("torch",)
+    assert _order(op, "cuda", "bfloat16", M=17, base="int8") == ("cuda", "triton")
+    assert _order(op, "cuda", "float16", M=511, base="int8") == ("cuda", "triton")
+    assert _order(op, "cuda", "bfloat16", M=512, base="int8") == ("torch",)
     assert _order(op, "cuda", "float32", M=16) == ("cuda", "triton")
     assert _order(op, "cuda", "float32", M=17) == ("torch",)
+    assert _order(op, "cuda", "float32", M=64, base="int8") == ("torch",)
     assert _order(op, "cpu", "float32", M=1) == ("torch",)
+    assert lora_ops.CUDA_DENSE_FUSED_MAX_ROWS == 1024
     multi = "lora_linear_multi"
     assert _order(multi, "cuda", "bfloat16", M=16) == ("cuda", "triton")
+    assert _order(multi, "cuda", "bfloat16", M=1024) == ("cuda", "triton")
+    assert _order(multi, "cuda", "bfloat16", M=4096) == ("triton", "cuda")
     assert _order(multi, "cuda", "float32", M=4096) == ("triton", "cuda")
+    assert _order(multi, "cuda", "float32", M=17) == ("triton", "cuda")
+    assert _order(multi, "cuda", "bfloat16", M=64, base="int8") == ("cuda", "triton")
+    assert _order(multi, "cuda", "bfloat16", M=512, base="int8") == ("triton", "cuda")
     assert _order(multi, "cpu", "float32", M=64) == ("torch",)
 
 
@@ -134,22 +143,57 @@ def test_auto_selection_traces_under_compile():
 # ------------------------------------------------------------------------------ packed bases
 
 
-def test_cuda_declines_a_packed_base(monkeypatch):
+def test_cuda_takes_a_packed_base(monkeypatch):
+    """The cuda backend reads a packed base in place (the int8 tensor-core kernel): no reason
+    refuses it (with a pretend cuda backend, so that only the input-dependent reasons speak)."""
     x, w, ws, A, B = _single(base="packed")
-    why = lora_ops._layout_reasons("cuda", w, ws)
-    assert why and "layout 2" in why[0] and "triton" in why[0]
-    assert lora_ops._layout_reasons("cuda", *quant.unpack(w, ws)) == []
-    assert lora_ops._layout_reasons("triton", w, ws) == []
-    # with a (pretend) cuda backend, an explicit request names the layout before any launch
-    monkeypatch.setitem(backends._AVAILABILITY, "cuda", None)
+    monkeypatch.setattr(backends, "device_and_dtype_reasons", lambda b, x, explicit: [])
     monkeypatch.setattr(backends, "kernel_reasons", lambda b, ops: [])
-    with pytest.raises(RuntimeError, match=r"backend 'cuda' cannot run.*packed \(layout 2\)"):
-        lrkernels.lora_linear(x, (w, ws), A, B, scale=0.5, backend="cuda")
-    with pytest.raises(RuntimeError, match=r"packed \(layout 2\)"):
-        lrkernels.lora_linear_multi(
-            x, (w, ws), A[None], B[None], torch.zeros(x.shape[0], dtype=torch.int32),
-            ranks=torch.tensor([4], dtype=torch.int32), scales=torch.ones(1), backend="cuda",
-        )  # fmt: skip
+    assert lora_ops._reasons("cuda", x, w, ws, A, B, None, explicit=True) == []
+    idx = torch.zeros(x.shape[0], dtype=torch.int32)
+    assert lora_ops._reasons_multi("cuda", x, w, ws, A[None], B[None], idx, explicit=True) == []
+    # ranks past the cuda kernels' 64 are still refused, with the limit named
+    big = torch.randn(65, x.shape[1])
+    assert "ranks up to 64" in lora_ops._reasons("cuda", x, w, ws, big, None, explicit=True)[0]
+
+
+def test_int8_path_is_the_int8_ops_choice(monkeypatch):
+    """The C++ ops' int8_path comes from lrkernels.ops.int8 (the measured table, else its rule):
+    0 off CUDA and for a dense base; on CUDA the id of int8's cuda_path for the same product
+    (forward: M x in -> out; input gradient: transposed)."""
+    x, w, ws, A, B = _single(M=5, K=96, N=70, base="packed")
+    assert lora_ops._int8_path(x, w, ws, transposed=False) == 0  # CPU tensor
+    assert lora_ops._int8_path(x, w, None, transposed=False) == 0  # dense base
+    seen = []
+
+    def fake_path_id(act, features, n, k, transposed):
+        seen.append((features, n, k, transposed))
+        return 2
+
+    monkeypatch.setattr(lora_ops, "_path_id", fake_path_id)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert lora_ops._int8_path(x, w, ws, transposed=False) == 2
+    assert lora_ops._int8_path(torch.empty(5, 70), w, ws, transposed=True) == 2
+    assert seen == [(96, 70, 96, False), (70, 70, 96, True)]
+
+
+@pytest.mark.skipif(not CPU_OK, reason="the cpu backend (the extension) is not built")
+def test_cpp_ops_check_a_packed_base_and_the_int8_path():
+    """The shared C++ checks take a packed base (N from the scales); the cpu kernels, which read
+    layout 1, say so instead of running; int8_path outside 0..2 is named."""
+    x, w, ws, A, B = _single(M=5, K=96, N=70, base="packed")
+    op = torch.ops.lrkernels.lora_linear
+    with pytest.raises(RuntimeError, match=r"cpu backend\): reads an int8 base in layout 1"):
+        op(x, w, ws, A, B, None, 1.0, 0, None, 0)
+    with pytest.raises(RuntimeError, match=r"B must have shape \(70, 4\)"):
+        op(x, w, ws, A, B[:69], None, 1.0, 0, None, 0)
+    with pytest.raises(RuntimeError, match=r"x's last dimension must be 96"):
+        op(x[:, :80], w, ws, A[:, :80], B, None, 1.0, 0, None, 0)
+    plain = quant.unpack(w, ws)
+    with pytest.raises(RuntimeError, match=r"int8_path must be 0 \(the default rule\)"):
+        op(x, *plain, A, B, None, 1.0, 0, None, 3)
+    y, _ = op(x, *plain, A, B, None, 1.0, 0, None, 2)  # a valid path: ignored off CUDA
+    torch.testing.assert_close(y, op(x, *plain, A, B, None, 1.0, 0, None)[0])
 
 
 def test_packed_base_shape_errors():
@@ -243,3 +287,21 @@ def test_triton_config_blocks_fit_packed_units():
         packed = choose_config(3, 10, 64, 4, 0, torch.float16, 1, transposed, True, True)
         assert plain["BLOCK_N"] == 16 and packed["BLOCK_N"] == 32
         assert packed["BLOCK_K"] % 16 == 0
+
+
+def test_python_mirrors_of_the_cuda_constants():
+    """The Python side's copies of the cuda LoRA limits equal the C++ ones they mirror (auto
+    selection and the reasons rely on them without calling into the extension)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+    src = (root / "lora_kernels.cuh").read_text() + (root / "lora_cuda.cpp").read_text()
+    src += (root / "int8_kernels.cuh").read_text()
+    for name, value in [
+        ("kLoraMaxRank", lora_ops._CUDA_MAX_RANK),
+        ("kLoraGemvMaxRows", lora_ops._CUDA_GEMV_MAX_ROWS),
+        ("kDenseFusedMaxRows", lora_ops.CUDA_DENSE_FUSED_MAX_ROWS),
+        ("kInt8MaxAddendRank", lora_ops._CUDA_MAX_RANK),
+        ("kInt8DequantMatmulMinRows", lora_ops.DEQUANT_MATMUL_MIN_ROWS),
+    ]:
+        assert f"constexpr int64_t {name} = {value};" in src, name

@@ -351,6 +351,9 @@ int64_t check_lora_base(const char* op, const char* act_name, const at::Tensor& 
   TORCH_CHECK(act.dim() >= 1, op, ": ", act_name, " must have shape (..., features), got a 0-d ",
               "tensor");
   if (weight_scales.has_value()) {
+    if (weight.dim() == 3) {  // packed (layout 2)
+      return check_int8_packed_common(op, act_name, act, transposed, weight, *weight_scales);
+    }
     const int64_t features = weight.dim() == 2 ? weight.size(transposed ? 0 : 1) : -1;
     return check_int8_common(op, act_name, act, features, weight, *weight_scales);
   }
@@ -393,14 +396,27 @@ void check_lora_dropout(const char* op, const at::Tensor& x, int64_t threshold,
 
 }  // namespace
 
+void check_lora_int8_path(const char* op, int64_t int8_path) {
+  TORCH_CHECK(int8_path >= 0 && int8_path <= 2, op,
+              ": int8_path must be 0 (the default rule), 1 (kernel) or 2 (dequantize + cuBLAS), ",
+              "got ", int8_path);
+}
+
+std::pair<int64_t, int64_t> lora_base_shape(const at::Tensor& weight,
+                                            const std::optional<at::Tensor>& weight_scales) {
+  if (weight_scales.has_value() && weight.dim() == 3) {
+    return {weight_scales->size(0), 16 * weight.size(1)};
+  }
+  return {weight.size(0), weight.size(1)};
+}
+
 int64_t check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& weight_scales, const at::Tensor& A,
                                const at::Tensor& B, const std::optional<at::Tensor>& bias,
                                int64_t dropout_threshold, const std::optional<at::Tensor>& seed) {
   constexpr const char* op = "lora_linear";
   const int64_t group = check_lora_base(op, "x", x, false, weight, weight_scales);
-  const int64_t out = weight.size(0);
-  const int64_t in = weight.size(1);
+  const auto [out, in] = lora_base_shape(weight, weight_scales);
   check_lora_same(op, "A", A, x, "x");
   check_lora_same(op, "B", B, x, "x");
   TORCH_CHECK(A.dim() == 2 && A.size(0) >= 1 && A.size(1) == in, op, ": A must have shape (r, ", in,
@@ -424,7 +440,7 @@ int64_t check_lora_grad_input_args(const at::Tensor& dy, const at::Tensor& weigh
                                    const std::optional<at::Tensor>& seed) {
   constexpr const char* op = "lora_linear_grad_input";
   const int64_t group = check_lora_base(op, "dy", dy, true, weight, weight_scales);
-  const int64_t in = weight.size(1);
+  const int64_t in = lora_base_shape(weight, weight_scales).second;
   check_lora_same(op, "dt", dt, dy, "dy");
   check_lora_same(op, "A", A, dy, "dy");
   TORCH_CHECK(A.dim() == 2 && A.size(0) >= 1 && A.size(1) == in, op, ": A must have shape (r, ", in,
@@ -457,8 +473,7 @@ int64_t check_lora_multi_args(const at::Tensor& x, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "lora_linear_multi";
   const int64_t group = check_lora_base(op, "x", x, false, weight, weight_scales);
-  const int64_t out = weight.size(0);
-  const int64_t in = weight.size(1);
+  const auto [out, in] = lora_base_shape(weight, weight_scales);
   check_lora_same(op, "A", A, x, "x");
   check_lora_same(op, "B", B, x, "x");
   TORCH_CHECK(A.dim() == 3 && A.size(0) >= 1 && A.size(1) >= 1 && A.size(2) == in, op,

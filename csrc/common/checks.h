@@ -6,6 +6,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include <optional>
+#include <utility>
+
 namespace lrkernels {
 
 // lowrank_linear(x, U, V, bias): x (..., in), V (rank, in), U (out, rank), bias (out,) or None.
@@ -65,10 +68,18 @@ void check_block_sparse_attention_bwd_args(
     int64_t window_left, int64_t window_right);
 
 // LoRA (lora_linear and friends). The base: weight (out, in) in x's dtype when weight_scales is
-// None (dense), else int8 with weight_scales as for int8_linear. A (r, in) and B (out, r) in x's
-// dtype with r >= 1; bias (out,); dropout_threshold in [0, 65535] and, when > 0, seed a
-// one-element int64 tensor on x's device. Every tensor on x's device. Returns the base's group
-// size: -1 dense, 0 int8 per channel, else the int8 group size.
+// None (dense), else int8 with weight_scales as for int8_linear (layout 1) or int8_linear_packed
+// (a 3-D weight: layout 2; the cuda backend reads it, the cpu backend wants layout 1). A (r, in)
+// and B (out, r) in x's dtype with r >= 1; bias (out,); dropout_threshold in [0, 65535] and, when >
+// 0, seed a one-element int64 tensor on x's device. Every tensor on x's device. Returns the base's
+// group size: -1 dense, 0 int8 per channel, else the int8 group size. int8_path of the LoRA ops: 0
+// (the default rule), 1 (kernel) or 2 (dequantize + cuBLAS).
+void check_lora_int8_path(const char* op, int64_t int8_path);
+
+// (out_features, in_features) of a checked LoRA base, either layout.
+std::pair<int64_t, int64_t> lora_base_shape(const at::Tensor& weight,
+                                            const std::optional<at::Tensor>& weight_scales);
+
 int64_t check_lora_linear_args(const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& weight_scales, const at::Tensor& A,
                                const at::Tensor& B, const std::optional<at::Tensor>& bias,

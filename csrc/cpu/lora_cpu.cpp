@@ -64,21 +64,29 @@ std::vector<int64_t> with_last_dim(const at::Tensor& t, int64_t last) {
   return shape;
 }
 
+// The cpu kernels read an int8 base in layout 1 (lrkernels/ops/lora.py unpacks a packed one
+// before calling them).
+void check_layout1(const char* op, const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2, op, " (cpu backend): reads an int8 base in layout 1 (a 2-D ",
+              "(out, in) qweight); this one is packed (layout 2): unpack it with ",
+              "lrkernels.quant.unpack");
+}
+
 // The intermediate rounded to x's dtype, then back in the accumulation dtype.
 at::Tensor round_like(const at::Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype).to(t.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                   const std::optional<at::Tensor>& weight_scales,
-                                                   const at::Tensor& A, const at::Tensor& B,
-                                                   const std::optional<at::Tensor>& bias,
-                                                   double scale, int64_t dropout_threshold,
-                                                   const std::optional<at::Tensor>& seed) {
+std::tuple<at::Tensor, at::Tensor> lora_linear_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& weight_scales,
+    const at::Tensor& A, const at::Tensor& B, const std::optional<at::Tensor>& bias, double scale,
+    int64_t dropout_threshold, const std::optional<at::Tensor>& seed, int64_t int8_path) {
   const int64_t group =
       check_lora_linear_args(x, weight, weight_scales, A, B, bias, dropout_threshold, seed);
   TORCH_CHECK(x.device().is_cpu(), "lora_linear (cpu backend): x must be a CPU tensor, got ",
               x.device());
+  check_layout1("lora_linear", weight);
+  check_lora_int8_path("lora_linear", int8_path);  // the cuda backend's; unused here
   const at::ScalarType acc = acc_type(x);
   const int64_t in = weight.size(1);
   const at::Tensor x2d = x.reshape({-1, in});
@@ -95,11 +103,13 @@ at::Tensor lora_linear_grad_input_cpu(const at::Tensor& dy, const at::Tensor& we
                                       const std::optional<at::Tensor>& weight_scales,
                                       const at::Tensor& dt, const at::Tensor& A,
                                       int64_t dropout_threshold,
-                                      const std::optional<at::Tensor>& seed) {
+                                      const std::optional<at::Tensor>& seed, int64_t int8_path) {
   const int64_t group =
       check_lora_grad_input_args(dy, weight, weight_scales, dt, A, dropout_threshold, seed);
   TORCH_CHECK(dy.device().is_cpu(), "lora_linear_grad_input (cpu backend): dy must be a CPU ",
               "tensor, got ", dy.device());
+  check_layout1("lora_linear_grad_input", weight);
+  check_lora_int8_path("lora_linear_grad_input", int8_path);  // the cuda backend's; unused here
   const at::ScalarType acc = acc_type(dy);
   const at::Tensor w = base_weight(weight, weight_scales, group, acc);
   const at::Tensor lora = dropped(at::mm(dt.to(acc), A.to(acc)), dropout_threshold, seed, acc);
@@ -122,11 +132,13 @@ at::Tensor lora_linear_multi_cpu(const at::Tensor& x, const at::Tensor& weight,
                                  const at::Tensor& A, const at::Tensor& B,
                                  const at::Tensor& adapter_index, const at::Tensor& ranks,
                                  const at::Tensor& adapter_scales,
-                                 const std::optional<at::Tensor>& bias) {
+                                 const std::optional<at::Tensor>& bias, int64_t int8_path) {
   const int64_t group = check_lora_multi_args(x, weight, weight_scales, A, B, adapter_index, ranks,
                                               adapter_scales, bias);
   TORCH_CHECK(x.device().is_cpu(), "lora_linear_multi (cpu backend): x must be a CPU tensor, got ",
               x.device());
+  check_layout1("lora_linear_multi", weight);
+  check_lora_int8_path("lora_linear_multi", int8_path);  // the cuda backend's; unused here
   const int64_t n = A.size(0);
   const int64_t r_max = A.size(1);
   const at::Tensor idx = adapter_index.reshape({-1}).contiguous();

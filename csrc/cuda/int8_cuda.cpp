@@ -21,6 +21,8 @@
 // likewise. Split-K counters: one int32 buffer per (device, stream), zeroed when allocated and
 // left zeroed by every launch (int8_kernels.cuh), so no memset per call.
 
+#include "int8_cuda.h"
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -161,12 +163,47 @@ at::Tensor staged_scales(const at::Tensor& scales, int64_t n, int64_t* sld) {
   return buf;
 }
 
-// The tensor-core path: act (..., R) with R = K (forward) or N (transposed).
+// Plans args on act's device and launches on its current stream, with the split-K workspace and
+// counters the plan asks for.
+void launch_planned(const cuda::Int8MmaArgs& args, const at::Tensor& act) {
+  const int device = act.get_device();
+  const DeviceInfo info = device_info(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  const cuda::Int8MmaPlan plan = cuda::int8_mma_plan(args, info.num_sms);
+  at::Tensor workspace, counters;
+  if (plan.splits > 1) {
+    // Caching-allocator blocks are 256-byte aligned and stream-ordered: freeing this when the
+    // function returns is safe.
+    workspace =
+        at::empty({static_cast<int64_t>(plan.workspace_floats)}, act.options().dtype(at::kFloat));
+    counters = split_counters(plan.counters, act.device(), stream);
+  }
+  C10_CUDA_CHECK(
+      cuda::launch_int8_mma(args, plan, workspace.defined() ? workspace.data_ptr<float>() : nullptr,
+                            counters.defined() ? counters.data_ptr<int>() : nullptr, stream));
+}
+
+// The activations as the kernels read them: (m, r8) rows of a multiple of 8 elements, 16-byte
+// aligned (zero-padded when `features` is not a multiple of 8, else copied only when needed).
+at::Tensor kernel_rows(const at::Tensor& act, int64_t m, int64_t features) {
+  const int64_t r8 = round_up(features, 8);
+  at::Tensor a = act.reshape({m, features});
+  if (r8 != features) return at::constant_pad_nd(a, {0, r8 - features});
+  if (!a.is_contiguous() || !aligned16(a)) {
+    a = a.contiguous();
+    if (!aligned16(a)) a = a.clone();
+  }
+  return a;
+}
+
+// The tensor-core path: act (..., R) with R = K (forward) or N (transposed). out: a contiguous
+// (..., C) tensor to write (else one is allocated); addend: forward only.
 at::Tensor run_mma(const at::Tensor& act, const at::Tensor& qpacked, const at::Tensor& scales,
-                   const at::Tensor& bias, int64_t n, int64_t k, int64_t group, bool transposed) {
+                   const at::Tensor& bias, int64_t n, int64_t k, int64_t group, bool transposed,
+                   const cuda::Int8LowRankAddend* addend = nullptr, at::Tensor* out = nullptr) {
   const int64_t in_features = transposed ? n : k;
   const int64_t out_features = transposed ? k : n;
-  at::Tensor y = at::empty(with_last_dim(act, out_features), act.options());
+  at::Tensor y = out != nullptr ? *out : at::empty(with_last_dim(act, out_features), act.options());
   if (poison_output()) y.fill_(std::numeric_limits<double>::quiet_NaN());
   const int64_t m = act.numel() / in_features;
   if (m == 0) return y;
@@ -175,13 +212,7 @@ at::Tensor run_mma(const at::Tensor& act, const at::Tensor& qpacked, const at::T
   // to N rounded up to 8 (the kernels then see N8 rows of W: rows past N are zero in the packed
   // weight, and their staged scales are zero).
   const int64_t r8 = round_up(in_features, 8);
-  at::Tensor a = act.reshape({m, in_features});
-  if (r8 != in_features) {
-    a = at::constant_pad_nd(a, {0, r8 - in_features});
-  } else if (!a.is_contiguous() || !aligned16(a)) {
-    a = a.contiguous();
-    if (!aligned16(a)) a = a.clone();
-  }
+  const at::Tensor a = kernel_rows(act, m, in_features);
   // The input gradient sees N rounded up to 8 rows of W (staged_scales pads then, with zeros).
   const int64_t n_kernel = transposed ? r8 : n;
   int64_t sld = n;
@@ -206,22 +237,9 @@ at::Tensor run_mma(const at::Tensor& act, const at::Tensor& qpacked, const at::T
   args.transposed = transposed;
   args.dtype = kernel_dtype(act.scalar_type());
   args.splits = forced_splits();
+  args.addend = addend;
 
-  const int device = act.get_device();
-  const DeviceInfo info = device_info(device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  const cuda::Int8MmaPlan plan = cuda::int8_mma_plan(args, info.num_sms);
-  at::Tensor workspace, counters;
-  if (plan.splits > 1) {
-    // Caching-allocator blocks are 256-byte aligned and stream-ordered: freeing this when the
-    // function returns is safe.
-    workspace =
-        at::empty({static_cast<int64_t>(plan.workspace_floats)}, act.options().dtype(at::kFloat));
-    counters = split_counters(plan.counters, act.device(), stream);
-  }
-  C10_CUDA_CHECK(
-      cuda::launch_int8_mma(args, plan, workspace.defined() ? workspace.data_ptr<float>() : nullptr,
-                            counters.defined() ? counters.data_ptr<int>() : nullptr, stream));
+  launch_planned(args, act);
   return y;
 }
 
@@ -303,6 +321,54 @@ at::Tensor int8_dequantize_packed_cuda(const at::Tensor& qweight, const at::Tens
 }
 
 }  // namespace
+
+namespace int8_cuda {
+
+bool tensor_cores_available(const at::Tensor& act) { return tensor_cores(act, /*path=*/1); }
+
+at::Tensor pack(const at::Tensor& qweight) { return pack_qweight(qweight); }
+
+void packed_forward_into(const at::Tensor& x2d, const at::Tensor& qpacked, const at::Tensor& scales,
+                         const at::Tensor& bias, int64_t group,
+                         const cuda::Int8LowRankAddend* addend, at::Tensor& y2d) {
+  TORCH_CHECK(y2d.is_contiguous() && y2d.dim() == 2 && y2d.size(0) == x2d.size(0) &&
+                  y2d.size(1) == scales.size(0),
+              "int8 packed forward: the output must be a contiguous (M, N) tensor");
+  run_mma(x2d, qpacked, scales, bias, scales.size(0), 16 * qpacked.size(1), group,
+          /*transposed=*/false, addend, &y2d);
+}
+
+void dense_forward_into(const at::Tensor& x2d, const at::Tensor& weight, const at::Tensor& bias,
+                        const cuda::Int8LowRankAddend* addend, at::Tensor& y2d) {
+  const int64_t m = x2d.size(0);
+  const int64_t n = weight.size(0);
+  const int64_t k = weight.size(1);
+  TORCH_CHECK(
+      k % 8 == 0 && y2d.is_contiguous() && y2d.dim() == 2 && y2d.size(0) == m && y2d.size(1) == n,
+      "dense low-rank forward: in_features % 8 == 0 and a contiguous (M, N) output");
+  if (poison_output()) y2d.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (m == 0) return;
+  const at::Tensor a = kernel_rows(x2d, m, k);
+  const at::Tensor w = kernel_rows(weight, n, k);
+  const at::Tensor b = bias.defined() ? bias.contiguous() : at::Tensor();
+  cuda::Int8MmaArgs args{};
+  args.a = a.data_ptr();
+  args.lda = a.stride(0);
+  args.bias = b.defined() ? b.data_ptr() : nullptr;
+  args.y = y2d.data_ptr();
+  args.ldy = n;
+  args.M = m;
+  args.N = n;
+  args.K = k;
+  args.dtype = kernel_dtype(x2d.scalar_type());
+  args.splits = forced_splits();
+  args.addend = addend;
+  args.dense_weight = w.data_ptr();
+  args.ldw = w.stride(0);
+  launch_planned(args, x2d);
+}
+
+}  // namespace int8_cuda
 
 TORCH_LIBRARY_IMPL(lrkernels, CUDA, m) {
   m.impl("int8_linear", &int8_linear_cuda);

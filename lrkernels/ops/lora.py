@@ -14,8 +14,14 @@ The int8 base comes in either layout of `lrkernels.quant`: plain ``(out, in)`` (
 packed (layout 2, 3-D; what `Int8Linear` holds on CUDA). The torch backend dequantizes either;
 the triton kernels read packed tiles in place (`load_packed_tile`); the C++ cpu kernels read
 layout 1, so a packed base is unpacked per call there (a copy of the int8 weight: the cpu backend
-is the reference implementation, not a fast path); the cuda LoRA kernels read layout 1 only and
-decline a packed base (auto takes the next backend; ``backend="cuda"`` raises saying so).
+is the reference implementation, not a fast path); the cuda backend reads both: the int8
+tensor-core kernel (``csrc/cuda/int8_mma.cuh``, the LoRA term in its epilogue) streams a packed
+base in place at every M and a plain one above 16 rows (packed per call, as ``int8_linear``
+does), the decode GEMV reads a plain one. How the cuda backend runs the int8 base product (the
+kernel, or dequantize + cuBLAS) is ``int8_linear``'s own table entry
+(`lrkernels.ops.int8.cuda_path`), passed to the C++ ops as ``int8_path``. A dense base in 16
+bits runs on the same tensor-core kernel streaming the 16-bit weight from 17 to
+`CUDA_DENSE_FUSED_MAX_ROWS` rows (``csrc/cuda/lora_cuda.cpp`` says what runs where).
 
 Auto selection (``backend=None``): `lrkernels.dispatch` keys on rows, in / out features, rank,
 base kind (dense / int8), inference or training and dropout (``_dispatch_features``); where the
@@ -55,7 +61,13 @@ from ..reference import (
     lora_linear_reference,
 )
 from . import compile_time_constant
-from .int8 import group_size_from_scales, is_packed, weight_shape
+from .int8 import (
+    DEQUANT_MATMUL_MIN_ROWS,
+    _path_id,
+    group_size_from_scales,
+    is_packed,
+    weight_shape,
+)
 
 _OP = "lora_linear"
 _OP_MULTI = "lora_linear_multi"
@@ -157,10 +169,20 @@ def base_shape(weight: Tensor, weight_scales: Tensor | None) -> tuple[int, int]:
 
 
 def _layout1(weight: Tensor, weight_scales: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """The base as the C++ kernels read it: a packed int8 qweight unpacked to (out, in)."""
+    """The base as the C++ cpu kernels read it: a packed int8 qweight unpacked to (out, in)."""
     if weight_scales is not None and is_packed(weight):
         return unpack(weight, weight_scales)
     return weight, weight_scales
+
+
+def _int8_path(act: Tensor, weight: Tensor, weight_scales: Tensor | None, transposed: bool) -> int:
+    """The C++ ops' ``int8_path`` for activations ``act`` (x, or dy when ``transposed``): how
+    the cuda backend runs an int8 base product, from `lrkernels.ops.int8.cuda_path` (0 for a
+    dense base and off CUDA)."""
+    if weight_scales is None or not act.is_cuda:
+        return 0
+    n, k = weight_shape(weight, weight_scales)
+    return _path_id(act, n if transposed else k, n, k, transposed)
 
 
 def check_lora_linear_args(
@@ -265,9 +287,13 @@ def lora_linear(
     if chosen == "triton":
         _ensure_triton_ops()
         op = torch.ops.lrkernels.lora_linear_triton
-    else:  # cuda (layout 1: `_reasons` declines a packed base) or cpu
-        weight, weight_scales = _layout1(weight, weight_scales)
-        op = torch.ops.lrkernels.lora_linear
+    else:  # cuda (either layout) or cpu (layout 1)
+        if chosen == "cpu":
+            weight, weight_scales = _layout1(weight, weight_scales)
+        path = _int8_path(x, weight, weight_scales, transposed=False)
+        return torch.ops.lrkernels.lora_linear(
+            x, weight, weight_scales, A, B, bias, eff_scale, threshold, seed, path
+        )[0]
     return op(x, weight, weight_scales, A, B, bias, eff_scale, threshold, seed)[0]
 
 
@@ -393,8 +419,12 @@ def lora_linear_multi(
         _ensure_triton_ops()
         op = torch.ops.lrkernels.lora_linear_multi_triton
     else:
-        weight, weight_scales = _layout1(weight, weight_scales)
-        op = torch.ops.lrkernels.lora_linear_multi
+        if chosen == "cpu":
+            weight, weight_scales = _layout1(weight, weight_scales)
+        path = _int8_path(x, weight, weight_scales, transposed=False)
+        return torch.ops.lrkernels.lora_linear_multi(
+            x, weight, weight_scales, A, B, adapter_index, ranks, scales, bias, path
+        )
     return op(x, weight, weight_scales, A, B, adapter_index, ranks, scales, bias)
 
 
@@ -413,32 +443,19 @@ def _rank_reasons(backend: str, rank: int) -> list[str]:
     return []
 
 
-def _layout_reasons(backend: str, weight, weight_scales) -> list[str]:
-    """The cuda LoRA kernels (csrc/cuda/lora_gemv.cu and the int8 ops they call) read an int8
-    base in layout 1; unpacking a packed one per call would cost a pass over the weight, more
-    than the kernel's own read at decode, so the cuda backend declines it."""
-    if backend == "cuda" and weight_scales is not None and is_packed(weight):
-        return [
-            "the cuda LoRA kernels read an int8 base in layout 1 (plain (out, in) qweight), "
-            "this one is packed (layout 2): use the triton backend, or unpack the base "
-            "(lrkernels.quant.unpack, Int8Linear.unpack)"
-        ]
-    return []
-
-
 def _reasons(
     backend: str, x: Tensor, weight, weight_scales, A, *rest, explicit: bool, dropout=False
 ) -> list[str]:
     """Why `backend` cannot take these (already validated) inputs; [] when it can. Whether it
     *should* is auto selection's (`_dispatch_rule` / the measured table), not a reason here."""
     reasons = backends.device_and_dtype_reasons(backend, x, explicit=explicit)
-    reasons += _rank_reasons(backend, A.shape[0]) + _layout_reasons(backend, weight, weight_scales)
+    reasons += _rank_reasons(backend, A.shape[0])
     return reasons + backends.kernel_reasons(backend, _CPP_OPS)
 
 
 def _reasons_multi(backend: str, x: Tensor, weight, weight_scales, A, *rest, explicit: bool):
     reasons = backends.device_and_dtype_reasons(backend, x, explicit=explicit)
-    reasons += _rank_reasons(backend, A.shape[1]) + _layout_reasons(backend, weight, weight_scales)
+    reasons += _rank_reasons(backend, A.shape[1])
     return reasons + backends.kernel_reasons(backend, (_OP_MULTI,))
 
 
@@ -482,19 +499,35 @@ def _dispatch_class(f) -> str:
     return cls + (" dropout" if f["dropout"] else "")
 
 
+#: Most rows at which the cuda backend runs a dense base as one fused tensor-core pass
+#: (csrc/cuda/lora_cuda.cpp kDenseFusedMaxRows); above, cuBLAS plus extra passes.
+CUDA_DENSE_FUSED_MAX_ROWS = 1024
+
+
+def _fused_cuda_rows(f, dtype: str) -> int:
+    """Most rows at which auto selection expects the cuda backend's fused tensor-core pass to
+    win in 16 bits (0 in float32: no tensor-core path): the int8 kernel's range on an int8 base
+    (`lrkernels.ops.int8` DEQUANT_MATMUL_MIN_ROWS), the dense route's on a dense one."""
+    if dtype not in ("float16", "bfloat16"):
+        return 0
+    return DEQUANT_MATMUL_MIN_ROWS - 1 if f["base"] == "int8" else CUDA_DENSE_FUSED_MAX_ROWS
+
+
 def _dispatch_rule(device: str, dtype: str, f) -> tuple[tuple[str, ...], str]:
     """Backends in the order they are expected to win where the measured table has no row (a
     static estimate, issue 11; the torch path is PEFT's: the base product, drop(x) · Aᵀ, · Bᵀ,
     scale and add, each a pass over memory, and for an int8 base a dequantized copy of W):
 
-    - GPU, M <= 16: the cuda decode GEMV (the base weight streamed once, the adapter in its
-      epilogue; layout-1 bases up to rank 64), then the fused triton kernel.
-    - GPU, float16/bfloat16, 16 < M <= 1024 (dense base) or <= 256 (int8 base): the fused
-      triton kernel (x and W read once, the adapter in the epilogue). Above that the product is
-      compute-bound, where the triton kernel's un-pipelined K loop (its static report) is not
-      expected to keep up with cuBLAS's wgmma (nor, for int8, with one dequantize + cuBLAS):
-      torch until measured. Above 16 rows the cuda backend is cuBLAS plus extra passes (no
-      better than torch's path): never auto there.
+    - GPU, M <= 16: the cuda backend (the base weight streamed once, the adapter in the
+      epilogue: the decode GEMV, or for a packed int8 base the int8 tensor-core kernel; ranks
+      up to 64), then the fused triton kernel.
+    - GPU, float16/bfloat16, 16 < M < 512 on an int8 base or <= 1024 on a dense one: the cuda
+      tensor-core kernel with the adapter in its epilogue (one pass over x and W: 4-stage
+      cp.async pipeline, ldmatrix, mma.sync, split-K to fill the SMs), then the fused triton
+      kernel (same fusion, its K loop not software-pipelined).
+    - Above that the product is compute-bound, where the kernels' mma.sync is not expected to
+      keep up with cuBLAS's wgmma (nor, for int8, with one dequantize + cuBLAS): torch until
+      measured.
     - GPU, float32 above 16 rows: torch (the kernels' IEEE float32 dots run on CUDA cores).
     - CPU: torch (the cpu backend is the C++ reference implementation, not tuned)."""
     if device != "cuda":
@@ -505,21 +538,21 @@ def _dispatch_rule(device: str, dtype: str, f) -> tuple[tuple[str, ...], str]:
     M = f["M"]
     if M <= _CUDA_GEMV_MAX_ROWS:
         return ("cuda", "triton"), (
-            "M <= 16: static estimate (issue 11): the cuda decode GEMV streams the base weight "
-            "once with the adapter in its epilogue; the fused triton kernel next (packed int8 "
-            "bases, ranks 65-128)"
+            "M <= 16: static estimate (issue 11): the cuda backend streams the base weight "
+            "once with the adapter in its epilogue; the fused triton kernel next (ranks 65-128)"
         )
-    limit = 256 if f["base"] == "int8" else 1024
-    if dtype in ("float16", "bfloat16") and M <= limit:
-        return ("triton",), (
-            f"16 < M <= {limit} ({f['base']} base): static estimate (issue 11): the fused "
-            "triton kernel reads x and the base weight once with the adapter in its epilogue, "
-            "torch's path adds passes over y (and dequantizes an int8 W every call)"
+    limit = _fused_cuda_rows(f, dtype)
+    if M <= limit:
+        return ("cuda", "triton"), (
+            f"16 < M <= {limit} ({f['base']} base): static estimate (issue 11): the cuda "
+            "tensor-core kernel (pipelined, split-K) reads x and the base weight once with the "
+            "adapter in its epilogue; the fused triton kernel next; torch's path adds passes "
+            "over y (and dequantizes an int8 W every call)"
         )
     return ("torch",), (
-        f"M > {limit if dtype in ('float16', 'bfloat16') else 16} in {dtype}: compute-bound, "
-        "where the kernels are not expected to beat cuBLAS (the triton K loop is not "
-        "software-pipelined, float32 dots run on CUDA cores): torch's path until measured"
+        f"M > {max(limit, _CUDA_GEMV_MAX_ROWS)} in {dtype}: compute-bound, where the kernels "
+        "are not expected to beat cuBLAS (mma.sync against wgmma, float32 dots on CUDA cores): "
+        "torch's path until measured"
     )
 
 
@@ -547,22 +580,24 @@ def _dispatch_class_multi(f) -> str:
 def _dispatch_rule_multi(device: str, dtype: str, f) -> tuple[tuple[str, ...], str]:
     """The torch path of a multi-adapter batch gathers every row's adapter (M x r_max x
     (in + out) elements written and read), so on a GPU the kernels are expected to win at every
-    size: the cuda GEMV pair at M <= 16, the triton shrink + fused GEMM above (cuda's cuBLAS +
-    shrink + expand kernels next). CPU: torch until measured."""
+    size: the cuda pair (the shrink, then the GEMV or the tensor-core kernel with every row's
+    adapter in its epilogue) at M <= 16 and in the fused range of `_dispatch_rule`, the triton
+    shrink + fused GEMM elsewhere (cuda's base product + shrink + expand next). CPU: torch until
+    measured."""
     if device != "cuda":
         return ("torch",), (
             "on the CPU torch's path (the cpu backend is the C++ reference implementation) "
             "until a measurement says otherwise"
         )
-    if f["M"] <= _CUDA_GEMV_MAX_ROWS:
+    if f["M"] <= max(_CUDA_GEMV_MAX_ROWS, _fused_cuda_rows(f, dtype)):
         return ("cuda", "triton"), (
-            "M <= 16: static estimate (issue 11): the cuda shrink + GEMV pair (two launches); "
-            "torch's path gathers every row's adapter"
+            "static estimate (issue 11): the cuda shrink, then one pass over the base with "
+            "every row's adapter in the epilogue; torch's path gathers every row's adapter"
         )
     return ("triton", "cuda"), (
-        "M > 16: static estimate (issue 11): the triton shrink + fused GEMM, then the cuda "
-        "backend's cuBLAS + shrink + expand; torch's path gathers every row's adapter "
-        "(M x r_max x (in + out) elements)"
+        "static estimate (issue 11): compute-bound here, the triton shrink + fused GEMM, then "
+        "the cuda backend's base product + shrink + expand; torch's path gathers every row's "
+        "adapter (M x r_max x (in + out) elements)"
     )
 
 
@@ -584,12 +619,14 @@ def _rows(x: Tensor) -> int:
     return math.prod(x.shape[:-1])
 
 
-def _fake_forward(x, weight, weight_scales, A, B, bias=None, scale=1.0, threshold=0, seed=None):
+def _fake_forward(
+    x, weight, weight_scales, A, B, bias=None, scale=1.0, threshold=0, seed=None, int8_path=0
+):
     out_f = base_shape(weight, weight_scales)[0]
     return (x.new_empty((*x.shape[:-1], out_f)), x.new_empty((_rows(x), A.shape[0])))
 
 
-def _fake_grad_input(dy, weight, weight_scales, dt, A, threshold=0, seed=None):
+def _fake_grad_input(dy, weight, weight_scales, dt, A, threshold=0, seed=None, int8_path=0):
     return dy.new_empty((*dy.shape[:-1], base_shape(weight, weight_scales)[1]))
 
 
@@ -597,7 +634,9 @@ def _fake_grad_A(dt, x, threshold, seed):
     return x.new_empty((dt.shape[1], x.shape[-1]))
 
 
-def _fake_multi(x, weight, weight_scales, A, B, adapter_index, ranks, adapter_scales, bias=None):
+def _fake_multi(
+    x, weight, weight_scales, A, B, adapter_index, ranks, adapter_scales, bias=None, int8_path=0
+):
     return x.new_empty((*x.shape[:-1], base_shape(weight, weight_scales)[0]))
 
 
@@ -620,7 +659,7 @@ def _make_backward(grad_input_op, grad_A_op):
     def backward(ctx, dy: Tensor, dt_out: Tensor | None):
         x, weight, weight_scales, A, B, t, seed = ctx.saved_tensors
         n_inputs = len(ctx.needs_input_grad)
-        need = (*ctx.needs_input_grad, *([False] * 9))[:9]
+        need = (*ctx.needs_input_grad, *([False] * 10))[:10]
         dy2 = dy.reshape(-1, dy.shape[-1])
         dt = (dy2 @ B) * ctx.scale  # (M, r): the gradient of t, (dy · B) · s
         if dt_out is not None:
@@ -637,9 +676,17 @@ def _make_backward(grad_input_op, grad_A_op):
             dB = (dy2.t() @ t) * ctx.scale
         if need[5] and ctx.has_bias:
             db = dy2.sum(0)
-        return (dx, None, None, dA, dB, db, None, None, None)[:n_inputs]
+        return (dx, None, None, dA, dB, db, None, None, None, None)[:n_inputs]
 
     return backward
+
+
+def _grad_input_cpp(dy, weight, weight_scales, dt, A, threshold, seed):
+    """The C++ grad-input op with the int8 path of dy's product (the input gradient)."""
+    path = _int8_path(dy, weight, weight_scales, transposed=True)
+    return torch.ops.lrkernels.lora_linear_grad_input(
+        dy, weight, weight_scales, dt, A, threshold, seed, path
+    )
 
 
 if _ext.has_op(_OP):
@@ -650,7 +697,7 @@ if _ext.has_op(_OP):
     torch.library.register_autograd(
         "lrkernels::lora_linear",
         _make_backward(
-            lambda *a: torch.ops.lrkernels.lora_linear_grad_input(*a),
+            _grad_input_cpp,
             lambda *a: torch.ops.lrkernels.lora_linear_grad_A(*a),
         ),
         setup_context=_setup_context,
