@@ -2,7 +2,9 @@
 model (tests/cuda_emulation/README.md), under AddressSanitizer + UBSan and ThreadSanitizer,
 against the float64 reference of tests/cuda_emulation/drivers/lora_driver.cpp: the shrink +
 weight-streaming GEMV (dense and int8 bases, one adapter and per-row adapters, dropout), the
-shrink + expand of the large-M path, and the dropout mask (bit-exact)."""
+shrink + the tensor-core GEMM with the adapter in its epilogue (the fused route of
+csrc/cuda/lora_cuda.cpp, dense and packed int8 bases, launched as the shrink's programmatic
+dependent), the shrink + expand of the large-M path, and the dropout mask (bit-exact)."""
 
 from __future__ import annotations
 
@@ -43,6 +45,16 @@ def lora_fixed() -> list[str]:
         "path=gemv dtype=f16 M=17 N=8 K=64 R=4 expect=invalid",
         "path=gemv dtype=f16 M=2 N=8 K=64 R=65 expect=invalid",
         "path=expand dtype=f16 M=2 N=8 K=64 R=0 expect=invalid",
+        # the fused tensor-core route: dense (K % 8) and int8 (per channel, every group) bases,
+        # one adapter (t_out) and per-row ones, dropout, 16- and 64-row tiles, split-K
+        "path=fused dtype=bf16 M=5 N=40 K=72 R=16 base=dense dist=int",
+        "path=fused dtype=f16 M=16 N=33 K=96 R=7 base=int8 group=32 drop=13107 dist=int",
+        "path=fused dtype=bf16 M=37 N=70 K=256 R=16 base=int8 group=0 n=5 bad=1 dist=int",
+        "path=fused dtype=f16 M=20 N=136 K=128 R=64 base=int8 group=64 n=3 dist=int",
+        "path=fused dtype=bf16 M=70 N=136 K=200 R=64 base=dense n=9 drop=13107 dist=real",
+        "path=fused dtype=f16 M=3 N=300 K=1024 R=24 base=int8 group=128 dist=real",
+        "path=fused dtype=bf16 M=1 N=8 K=4096 R=32 base=dense drop=30000 dist=real",
+        "path=fused dtype=f16 M=2 N=8 K=36 R=4 expect=invalid",  # dense: K % 8 != 0
         # the dropout mask alone: exactly the shared hash
         "path=mask dtype=bf16 M=37 K=129 drop=6554",
         "path=mask dtype=f32 M=5 K=1000 drop=65535",
@@ -56,11 +68,13 @@ def lora_sweep(rng: random.Random, count: int) -> list[str]:
     for _ in range(count):
         base, g, k = rng.choice(BASES)
         k = k if base == "int8" else rng.randint(1, 300)
-        path = rng.choice(["gemv", "gemv", "expand"])
+        path = rng.choice(["gemv", "gemv", "expand", "fused"])
+        if path == "fused":  # 16-bit, K % 8 (dense) / % 16 (int8: every BASES entry)
+            k = k if base == "int8" else 8 * rng.randint(1, 40)
         m = rng.randint(1, 16) if path == "gemv" else rng.randint(1, 40)
         n_adapters = rng.choice([0, 0, 1, 3, 8]) if path == "gemv" else rng.choice([1, 3, 8])
         cases.append(
-            f"path={path} dtype={rng.choice(DTYPES)} M={m} N={rng.randint(1, 70)} K={k} "
+            f"path={path} dtype={rng.choice(DTYPES[1:] if path == 'fused' else DTYPES)} M={m} N={rng.randint(1, 70)} K={k} "
             f"R={rng.choice([1, 3, 8, 16, 17, 40, 64])} base={base} group={g} n={n_adapters} "
             f"drop={rng.choice([0, 0, 6554, 40000])} bias={rng.randint(0, 1)} "
             f"bad={int(rng.random() < 0.2)} dist={rng.choice(['int', 'real'])} "
@@ -73,6 +87,8 @@ LORA_TSAN = [
     "path=gemv dtype=f16 M=3 N=12 K=64 R=8 n=2",
     "path=gemv dtype=bf16 M=2 N=9 K=96 R=4 base=int8 group=32 drop=20000",
     "path=expand dtype=f32 M=5 N=20 K=32 R=16 n=3",
+    "path=fused dtype=bf16 M=18 N=40 K=328 R=8 base=dense n=2",
+    "path=fused dtype=f16 M=3 N=33 K=96 R=4 base=int8 group=32",
     "path=mask dtype=f16 M=4 K=40 drop=1000",
 ]
 

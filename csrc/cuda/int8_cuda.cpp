@@ -200,7 +200,8 @@ at::Tensor kernel_rows(const at::Tensor& act, int64_t m, int64_t features) {
 // (..., C) tensor to write (else one is allocated); addend: forward only.
 at::Tensor run_mma(const at::Tensor& act, const at::Tensor& qpacked, const at::Tensor& scales,
                    const at::Tensor& bias, int64_t n, int64_t k, int64_t group, bool transposed,
-                   const cuda::Int8LowRankAddend* addend = nullptr, at::Tensor* out = nullptr) {
+                   const cuda::Int8LowRankAddend* addend = nullptr, at::Tensor* out = nullptr,
+                   bool pdl = false) {
   const int64_t in_features = transposed ? n : k;
   const int64_t out_features = transposed ? k : n;
   at::Tensor y = out != nullptr ? *out : at::empty(with_last_dim(act, out_features), act.options());
@@ -238,7 +239,10 @@ at::Tensor run_mma(const at::Tensor& act, const at::Tensor& qpacked, const at::T
   args.dtype = kernel_dtype(act.scalar_type());
   args.splits = forced_splits();
   args.addend = addend;
-
+  // As a programmatic dependent only when no operand the main loop reads was copied after the
+  // producer of t (the copy kernel would be the previous one, still running).
+  args.pdl = pdl && a.data_ptr() == act.data_ptr() && s.data_ptr() == scales.data_ptr() &&
+             q.data_ptr() == qpacked.data_ptr();
   launch_planned(args, act);
   return y;
 }
@@ -330,16 +334,17 @@ at::Tensor pack(const at::Tensor& qweight) { return pack_qweight(qweight); }
 
 void packed_forward_into(const at::Tensor& x2d, const at::Tensor& qpacked, const at::Tensor& scales,
                          const at::Tensor& bias, int64_t group,
-                         const cuda::Int8LowRankAddend* addend, at::Tensor& y2d) {
+                         const cuda::Int8LowRankAddend* addend, bool after_shrink,
+                         at::Tensor& y2d) {
   TORCH_CHECK(y2d.is_contiguous() && y2d.dim() == 2 && y2d.size(0) == x2d.size(0) &&
                   y2d.size(1) == scales.size(0),
               "int8 packed forward: the output must be a contiguous (M, N) tensor");
   run_mma(x2d, qpacked, scales, bias, scales.size(0), 16 * qpacked.size(1), group,
-          /*transposed=*/false, addend, &y2d);
+          /*transposed=*/false, addend, &y2d, after_shrink);
 }
 
 void dense_forward_into(const at::Tensor& x2d, const at::Tensor& weight, const at::Tensor& bias,
-                        const cuda::Int8LowRankAddend* addend, at::Tensor& y2d) {
+                        const cuda::Int8LowRankAddend* addend, bool after_shrink, at::Tensor& y2d) {
   const int64_t m = x2d.size(0);
   const int64_t n = weight.size(0);
   const int64_t k = weight.size(1);
@@ -365,6 +370,7 @@ void dense_forward_into(const at::Tensor& x2d, const at::Tensor& weight, const a
   args.addend = addend;
   args.dense_weight = w.data_ptr();
   args.ldw = w.stride(0);
+  args.pdl = after_shrink && a.data_ptr() == x2d.data_ptr() && w.data_ptr() == weight.data_ptr();
   launch_planned(args, x2d);
 }
 

@@ -24,15 +24,17 @@ at::Tensor pack(const at::Tensor& qweight);
 // kernel, W packed (qpacked (ceil(N / 32), K / 16, 512), scales (N,) or (N, K / group)), written
 // into y2d (M, N) contiguous in x's dtype. Checked arguments only (the caller's op checks them):
 // float16 / bfloat16 on a device where tensor_cores_available.
+// after_shrink: the previous kernel in the stream is the one that writes the addend's t_partial
+// (the LoRA shrink), and nothing else the GEMM reads: launched as its programmatic dependent.
 void packed_forward_into(const at::Tensor& x2d, const at::Tensor& qpacked, const at::Tensor& scales,
                          const at::Tensor& bias, int64_t group,
-                         const cuda::Int8LowRankAddend* addend, at::Tensor& y2d);
+                         const cuda::Int8LowRankAddend* addend, bool after_shrink, at::Tensor& y2d);
 
 // y2d (M, N) = x2d (M, K) · Wᵀ + bias + the low-rank addend, W dense (N, K) in x's dtype, on
 // the same tensor-core kernel (Int8MmaArgs::dense_weight): the LoRA ops' dense base in one pass.
 // Float16 / bfloat16 where tensor_cores_available, K % 8 == 0, y2d contiguous.
 void dense_forward_into(const at::Tensor& x2d, const at::Tensor& weight, const at::Tensor& bias,
-                        const cuda::Int8LowRankAddend* addend, at::Tensor& y2d);
+                        const cuda::Int8LowRankAddend* addend, bool after_shrink, at::Tensor& y2d);
 
 }  // namespace int8_cuda
 }  // namespace lrkernels

@@ -56,11 +56,12 @@
 // so large M goes to dequantize + cuBLAS (lrkernels/ops/int8.py, expected ~0.93x).
 // With the low-rank addend (LoRA, 4096^2, r = 16): the epilogue CTA of a tile adds one pass of
 // 4 x kFM MMAs per distinct adapter (+0.4% of the tile's MMAs for one adapter), reads its t
-// partials (<= 16 KiB) and stages 4 KiB of B per adapter, so one adapter costs about the base
-// kernel plus the shrink launch before it: M = 16 ~4 us + ~1-2 us (kernel boundary, no PDL
-// yet) = ~1.3x int8_linear alone (goal 1.05x; Programmatic Dependent Launch would overlap the
-// shrink with the weight stream). 64 adapters at M = 64: 256 KiB of B per epilogue CTA, staged
-// 9 adapters a chunk (one latency per chunk), ~1-2 us on 32 SMs: ~1.3-1.5x the base (goal 1.6x).
+// partials (<= 16 KiB) and stages 4 KiB of B per adapter. After the shrink the kernel is launched
+// as its programmatic dependent (args.pdl, common/pdl.cuh): the weight stream overlaps the
+// shrink and only the epilogue waits for it, so one adapter at M = 16 is expected at ~1.1x
+// int8_linear alone (~4 us of weight, ~0.5 us of epilogue; goal 1.05x; ~1.3x with a plain
+// kernel boundary). 64 adapters at M = 64: 256 KiB of B per epilogue CTA, staged 9 adapters a
+// chunk (one latency per chunk), ~1-2 us on 32 SMs: ~1.3-1.5x the base (goal 1.6x).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -72,9 +73,11 @@
 
 #include "common/convert.cuh"
 #include "common/int8_convert.cuh"
+#include "common/pdl.cuh"
 #include "common/ptx.cuh"
 #include "common/util.cuh"
 #include "int8_kernels.cuh"
+#include "lowrank_launch.cuh"
 
 namespace lrkernels {
 namespace cuda {
@@ -130,6 +133,7 @@ struct Params {
   bool pair_stores;
   Int8LowRankAddend addend;  // kAddend instantiations only
   int rank_pad;              // addend.rank rounded up to 16 (the MMA's k)
+  bool pdl;                  // host side: launched as a programmatic dependent (args.pdl)
 };
 
 // Slot of record L of a unit in shared memory (see the header comment).
@@ -581,6 +585,9 @@ __global__ void __launch_bounds__(Cfg<kBM, kDense>::kThreads, Cfg<kBM, kDense>::
     }
   }
   ptx::cp_async_wait<0>();
+  // Launched as a programmatic dependent (args.pdl): only the main loop above, which reads x and
+  // the weight, overlaps the previous kernel; the split-K buffers, y and t wait for it here.
+  if constexpr (kAddend) pdl::wait();
 
   const int64_t row0 = m0 + wm * 16 * Cf::kFM + g;  // + 16 i + 8 half
   const int64_t col0 = c0 + wn * 32 + 2 * t;        // + 8 j (+ 1)
@@ -709,8 +716,8 @@ cudaError_t launch_config(const Params<T>& p, const Int8MmaPlan& plan, cudaStrea
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
     if (err != cudaSuccess) return err;
   }
-  kernel<<<static_cast<unsigned>(plan.grid), Cf::kThreads, kSmem, stream>>>(p);
-  return cudaGetLastError();
+  return lowrank_launch::launch(p.pdl, kernel, dim3(static_cast<unsigned>(plan.grid)),
+                                dim3(Cf::kThreads), kSmem, stream, p);
 }
 
 template <typename T, bool kTrans, bool kGroup, bool kAddend, bool kDense>
@@ -757,6 +764,7 @@ cudaError_t launch_direction(const Int8MmaArgs& a, const Int8MmaPlan& plan, floa
   p.pair_stores = (reinterpret_cast<uintptr_t>(a.y) & 3u) == 0 && a.ldy % 2 == 0;
   p.addend = kAddend ? *a.addend : Int8LowRankAddend{};
   p.rank_pad = kAddend ? static_cast<int>(util::ceil_div(a.addend->rank, 16) * 16) : 0;
+  p.pdl = kAddend && a.pdl;
   if constexpr (kDense) {
     return launch_bm<T, false, false, true, true>(p, plan, stream);
   } else {

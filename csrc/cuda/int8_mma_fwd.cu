@@ -42,6 +42,7 @@ cudaError_t launch_int8_mma(const Int8MmaArgs& a, const Int8MmaPlan& plan, float
   if (a.M < 0 || a.N < 1 || a.K < (dense ? 8 : 16) || a.K % (dense ? 8 : 16) != 0) {
     return cudaErrorInvalidValue;
   }
+  if (a.pdl && a.addend == nullptr) return cudaErrorInvalidValue;
   if (dense && (a.transposed || a.addend == nullptr || a.group_size != 0 ||
                 !aligned16(a.dense_weight) || a.ldw % 8 != 0 || a.ldw < a.K)) {
     return cudaErrorInvalidValue;

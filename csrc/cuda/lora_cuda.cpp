@@ -8,7 +8,9 @@
 //     the call): the shrink kernel (t = drop(x) · Aᵀ for each row's adapter, float32 partials
 //     over K slices), then the int8 tensor-core GEMM (int8_mma.cuh) with s · t · Bᵀ and the bias
 //     in its epilogue (Int8LowRankAddend): two launches, the weight streamed once as int8, y
-//     written once, t never in HBM at full size. One adapter or per-row adapters alike.
+//     written once, t never in HBM at full size. One adapter or per-row adapters alike. After
+//     the shrink the GEMM (like the GEMV below) is launched as its programmatic dependent
+//     (common/pdl.cuh): its weight stream overlaps the shrink, its epilogue waits for it.
 //   * dense base, float16 / bfloat16, in_features % 8 == 0, 16 < M <= kDenseFusedMaxRows: the
 //     same tensor-core GEMM on the 16-bit weight (Int8MmaArgs::dense_weight), the LoRA term and
 //     the bias in its epilogue (t first: cuBLAS for one adapter, the shrink for per-row ones).
@@ -191,10 +193,12 @@ at::Tensor shrink(const char* op, const at::Tensor& x2d, const cuda::LoraAdapter
 
 // Route kFused: the tensor-core GEMM over the int8 (packed) or dense base with the LoRA term
 // (t from `partial`, float32 (splits, M, R)) in its epilogue; t_out, when given, receives
-// round(t).
+// round(t). after_shrink: `partial` is the output of the shrink launched just before, so the
+// GEMM may start as its programmatic dependent (not after a per-call pack of a plain weight,
+// which would run in between).
 void run_fused(const at::Tensor& x2d, const at::Tensor& weight,
                const std::optional<at::Tensor>& weight_scales, int64_t group,
-               const cuda::LoraAdapters& adapters, const at::Tensor& partial,
+               const cuda::LoraAdapters& adapters, const at::Tensor& partial, bool after_shrink,
                const std::optional<at::Tensor>& bias, at::Tensor& y2d, at::Tensor* t_out) {
   const int64_t splits = partial.size(0);
   const cuda::Int8LowRankAddend addend{partial.data_ptr<float>(),
@@ -209,11 +213,12 @@ void run_fused(const at::Tensor& x2d, const at::Tensor& weight,
                                        t_out != nullptr ? t_out->data_ptr() : nullptr};
   const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
   if (!weight_scales.has_value()) {
-    int8_cuda::dense_forward_into(x2d, weight, b, &addend, y2d);
+    int8_cuda::dense_forward_into(x2d, weight, b, &addend, after_shrink, y2d);
     return;
   }
   const at::Tensor q = is_packed(weight) ? weight : int8_cuda::pack(weight);
-  int8_cuda::packed_forward_into(x2d, q, *weight_scales, b, group, &addend, y2d);
+  int8_cuda::packed_forward_into(x2d, q, *weight_scales, b, group, &addend,
+                                 after_shrink && is_packed(weight), y2d);
 }
 
 // Routes kGemv (the fused GEMV) and kBaseThenLora for per-row adapters (base, then the expand).
@@ -227,27 +232,31 @@ void run_lora_kernels(const char* op, const at::Tensor& x2d, const at::Tensor& w
   const int64_t N = y2d.size(1);
   const cuda::LoraDType dtype = kernel_dtype(op, x2d.scalar_type());
   const cudaStream_t stream = stream_of(x2d);
+  // The GEMV's operands before the shrink: it starts as the shrink's programmatic dependent
+  // and streams them before waiting (a copy kernel in between would still be running).
+  const bool gemv = route == Route::kGemv;
+  const at::Tensor w = gemv ? weight.contiguous() : at::Tensor();
+  const at::Tensor s =
+      gemv && weight_scales.has_value() ? weight_scales->contiguous() : at::Tensor();
+  const at::Tensor b = gemv && bias.has_value() ? bias->contiguous() : at::Tensor();
   int64_t splits = 0;
   const at::Tensor partial = shrink(op, x2d, adapters, threshold, seed, &splits);
-  if (route == Route::kGemv) {
-    const at::Tensor w = weight.contiguous();
-    const at::Tensor s = weight_scales.has_value() ? weight_scales->contiguous() : at::Tensor();
-    const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-    cuda::LoraGemvArgs gemv{x2d.data_ptr(),
-                            w.data_ptr(),
-                            s.defined() ? s.data_ptr() : nullptr,
-                            group > 0 ? group : 0,
-                            adapters,
-                            partial.data_ptr<float>(),
-                            splits,
-                            b.defined() ? b.data_ptr() : nullptr,
-                            y2d.data_ptr(),
-                            t_out != nullptr ? t_out->data_ptr() : nullptr,
-                            M,
-                            N,
-                            K,
-                            dtype};
-    C10_CUDA_CHECK(cuda::launch_lora_gemv(gemv, stream));
+  if (gemv) {
+    cuda::LoraGemvArgs gemv_args{x2d.data_ptr(),
+                                 w.data_ptr(),
+                                 s.defined() ? s.data_ptr() : nullptr,
+                                 group > 0 ? group : 0,
+                                 adapters,
+                                 partial.data_ptr<float>(),
+                                 splits,
+                                 b.defined() ? b.data_ptr() : nullptr,
+                                 y2d.data_ptr(),
+                                 t_out != nullptr ? t_out->data_ptr() : nullptr,
+                                 M,
+                                 N,
+                                 K,
+                                 dtype};
+    C10_CUDA_CHECK(cuda::launch_lora_gemv(gemv_args, stream));
     return;
   }
   y2d.copy_(base_product(x2d, weight, weight_scales, bias, path));
@@ -291,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(
       if (M <= cuda::kLoraGemvMaxRows) {
         int64_t splits = 0;
         const at::Tensor partial = shrink(op, x2d, adapters, dropout_threshold, seed, &splits);
-        run_fused(x2d, weight, weight_scales, group, adapters, partial, b, y2d, &t);
+        run_fused(x2d, weight, weight_scales, group, adapters, partial, true, b, y2d, &t);
       } else {
         // Many rows, one adapter: t = drop(x) · Aᵀ on cuBLAS's tensor cores (the shrink kernel
         // is a decode kernel: a block per row re-reads A from L2), rounded to the dtype once;
@@ -303,8 +312,8 @@ std::tuple<at::Tensor, at::Tensor> lora_linear_cuda(
           apply_mask(x2d, xd, dropout_threshold, *seed, op);
         }
         t.copy_(at::mm(xd, A.t()));
-        run_fused(x2d, weight, weight_scales, group, adapters, t.to(at::kFloat).unsqueeze(0), b,
-                  y2d, nullptr);
+        run_fused(x2d, weight, weight_scales, group, adapters, t.to(at::kFloat).unsqueeze(0), false,
+                  b, y2d, nullptr);
       }
     } else {
       run_lora_kernels(op, x2d, weight, weight_scales, group, adapters, bias, dropout_threshold,
@@ -404,7 +413,7 @@ at::Tensor lora_linear_multi_cuda(const at::Tensor& x, const at::Tensor& weight,
         bias.has_value() ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
     int64_t splits = 0;
     const at::Tensor partial = shrink(op, x2d, adapters, 0, std::nullopt, &splits);
-    run_fused(x2d, weight, weight_scales, group, adapters, partial, b, y2d, nullptr);
+    run_fused(x2d, weight, weight_scales, group, adapters, partial, true, b, y2d, nullptr);
     return y;
   }
   run_lora_kernels(op, x2d, weight, weight_scales, group, adapters, bias, 0, std::nullopt, path,

@@ -22,17 +22,20 @@
 //   (512 at N = 4096: about 4 resident per SM on 132 SMs, one wave).
 // Expected on an H200 (4.3 TB/s), 4096 x 4096, r = 16, M = 16: bf16 base 32 MiB -> ~8 us at
 //   full bandwidth (int8: 16 MiB -> ~4 us); the shrink reads x (128 KiB) and A (128 KiB) over
-//   ~2 x 132 blocks, < 1 us, plus one kernel boundary (~1-2 us without a CUDA graph). So ~1.1-1.2x
-//   the base alone on bf16 (target 1.05x: Programmatic Dependent Launch would overlap the shrink
-//   with the weight stream — the next step) and ~1.3-1.5x on int8 until then.
+//   ~2 x 132 blocks, < 1 us. The GEMV is launched as a programmatic dependent of the shrink
+//   (common/pdl.cuh): the shrink lets it start at once, it streams W and x while the shrink runs
+//   and waits (griddepcontrol.wait) only before reading the partials, so the boundary and the
+//   shrink hide under the weight stream: expected ~1.05x the base alone on bf16 (the target)
+//   and ~1.1x on int8 (4 us of weight against ~0.5 us of epilogue), from ~1.1-1.5x without it.
 // Shrink: a block (128 threads) owns one row m and one slice of K, every thread keeps the R
 //   running sums of its k's (R <= 64 registers), the dropout hash computed once per element; the
 //   block reduces them in shared memory. Slices: enough blocks for ~2 waves at small M.
 // Expand: a block owns 256 columns of one row (rows without an adapter return at once).
 // No atomics anywhere: every sum has a fixed order (deterministic).
 // Static report (nvcc 13.0 -O3, sm_90a, cuobjdump -res-usage; none spills, no local memory):
-//   gemv dense 16-byte path 40 registers (fp32 54), int8 16-byte path 60 (fp32 64), scalar
-//   fallbacks 40-76; 5.3 KiB static shared memory (t and the rows' adapters);
+//   gemv dense 16-byte path 48 registers (fp32 48), int8 16-byte path 63 (fp32 62), scalar
+//   fallbacks 48-78 (the weight stream before the t staging keeps x, W and t apart); 5.3 KiB
+//   static shared memory (t and the rows' adapters);
 //   shrink 72 / 128 / 254 registers for R <= 16 / 32 / 64 (the R running sums live in
 //   registers); expand 32; mask 18-30.
 #include <cuda_bf16.h>
@@ -42,9 +45,11 @@
 #include <cstdint>
 
 #include "common/convert.cuh"
+#include "common/pdl.cuh"
 #include "common/util.cuh"
 #include "lora_dropout.h"
 #include "lora_kernels.cuh"
+#include "lowrank_launch.cuh"
 
 namespace lrkernels {
 namespace cuda {
@@ -96,6 +101,7 @@ __global__ void __launch_bounds__(kShrinkThreads) lora_shrink_kernel(LoraShrinkA
   const int64_t K = args.K;
   const int R = static_cast<int>(args.adapters.rank);
   const int tid = static_cast<int>(threadIdx.x);
+  pdl::launch_dependents();  // the GEMV (or int8 kernel) after it may start streaming weights
   const RowAdapter ra = row_adapter(args.adapters, m);
   const int64_t slice = ceil_div(K, args.k_splits);
   const int64_t k0 = split * slice;
@@ -198,7 +204,33 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_kernel(LoraGemvArgs ar
   const int R = static_cast<int>(args.adapters.rank);
   const int64_t N = args.N;
   const int64_t K = args.K;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
 
+  // The weight stream first: launched as a programmatic dependent of the shrink (common/pdl.cuh),
+  // this part overlaps it. x and W are not written by the shrink (x by a kernel before it, which
+  // completed before the shrink started); the shrink's partials are read after pdl::wait().
+  const T* x = static_cast<const T*>(args.x);
+  float acc[kLoraGemvMaxRows];
+#pragma unroll
+  for (int m = 0; m < kLoraGemvMaxRows; ++m) acc[m] = 0.f;
+  const int64_t k_end = n < N ? K : 0;  // warps past N stream nothing (but reach the barrier)
+  for (int64_t k = static_cast<int64_t>(lane) * kVec; k < k_end; k += 32 * kVec) {
+    float w[kVec];
+    load_weights<T, kInt8, kVec>(args, n, k, w);
+#pragma unroll
+    for (int m = 0; m < kLoraGemvMaxRows; ++m) {
+      if (m < M) {
+        float xv[kVec];
+        load_x<T, kVec>(x + m * K + k, xv);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc[m] += w[i] * xv[i];
+      }
+    }
+  }
+
+  pdl::wait();  // the shrink's partials are complete and visible
   // t = round(Σ_s partial[s]), once per block; block 0 also writes it out.
   for (int i = tid; i < M * R; i += kGemvThreads) {
     const int m = i / R;
@@ -216,29 +248,8 @@ __global__ void __launch_bounds__(kGemvThreads) lora_gemv_kernel(LoraGemvArgs ar
     scale_s[tid] = ra.scale;
   }
   __syncthreads();
-
-  const int warp = tid / 32;
-  const int lane = tid % 32;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
   if (n >= N) return;  // no barrier follows
 
-  const T* x = static_cast<const T*>(args.x);
-  float acc[kLoraGemvMaxRows];
-#pragma unroll
-  for (int m = 0; m < kLoraGemvMaxRows; ++m) acc[m] = 0.f;
-  for (int64_t k = static_cast<int64_t>(lane) * kVec; k < K; k += 32 * kVec) {
-    float w[kVec];
-    load_weights<T, kInt8, kVec>(args, n, k, w);
-#pragma unroll
-    for (int m = 0; m < kLoraGemvMaxRows; ++m) {
-      if (m < M) {
-        float xv[kVec];
-        load_x<T, kVec>(x + m * K + k, xv);
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) acc[m] += w[i] * xv[i];
-      }
-    }
-  }
   float mine = 0.f;
 #pragma unroll
   for (int m = 0; m < kLoraGemvMaxRows; ++m) {
@@ -333,12 +344,10 @@ cudaError_t gemv_typed(const LoraGemvArgs& args, cudaStream_t stream) {
   const bool vec =
       args.K % kVec == 0 && util::is_aligned16(args.x) && util::is_aligned16(args.weight);
   const dim3 grid(static_cast<unsigned>(ceil_div(args.N, kGemvWarps)));
-  if (vec) {
-    lora_gemv_kernel<T, kInt8, kVec><<<grid, kGemvThreads, 0, stream>>>(args);
-  } else {
-    lora_gemv_kernel<T, kInt8, 1><<<grid, kGemvThreads, 0, stream>>>(args);
-  }
-  return cudaGetLastError();
+  // A programmatic dependent of the shrink (its partials are read after pdl::wait()).
+  return lowrank_launch::launch(
+      true, vec ? lora_gemv_kernel<T, kInt8, kVec> : lora_gemv_kernel<T, kInt8, 1>, grid,
+      dim3(kGemvThreads), 0, stream, args);
 }
 
 template <typename T>

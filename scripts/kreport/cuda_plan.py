@@ -10,7 +10,7 @@ symbol at that address, which demangles to the same name as the sm_90a kernel in
 Which path the torch op takes is decided partly in the launch API (lowrank's plan_lowrank:
 driver path=auto runs it as csrc/cuda/lowrank_cuda.cpp does) and partly in host code that needs
 torch and a GPU (int8: `lrkernels.ops.int8.cuda_path`, kernel or dequantize + cuBLAS; LoRA:
-lora_cuda.cpp, GEMV at M <= 16); `HOST_PATH` marks the row the op runs. The other paths a
+lora_cuda.cpp's routes); `HOST_PATH` marks the row the op runs. The other paths a
 headline shape can take (`DRIVER_CASES`: lowrank forced to tc or gemv, int8's other path) are
 planned too, so the spill check covers every kernel such a shape can launch.
 
@@ -79,16 +79,28 @@ def _attention_lines(case: Case) -> list[tuple[str, str]]:
 
 
 def _lora_lines(case: Case) -> list[tuple[str, str]]:
-    """csrc/cuda/lora_cuda.cpp: M <= 16 shrink + fused GEMV over the base; M > 16 the base by
-    cuBLAS (or int8_linear), then shrink + expand (many adapters) or the dropout mask + cuBLAS
-    (one adapter)."""
+    """csrc/cuda/lora_cuda.cpp: the shrink, then the tensor-core GEMM with the adapter in its
+    epilogue (`fused`: an int8 base below 512 rows, packed as Int8Linear holds it on CUDA; a
+    dense one at 17-1024 rows); M <= 16 otherwise the shrink + fused GEMV (a plain int8 base
+    too: planned as the other path of the int8 decode row); above, the base by cuBLAS (or
+    int8_linear), then shrink + expand (many adapters) or the dropout mask + cuBLAS (one)."""
+    from lrkernels.ops.lora import CUDA_DENSE_FUSED_MAX_ROWS, DEQUANT_MATMUL_MIN_ROWS
+
     p = case.params
     shape = f"dtype=bf16 M={p['M']} N={p['N']} K={p['K']} R={p['rank']}"
     base = f"base={p['base']} group=0"
+    line = f"{shape} {base} n={p['adapters']}"
+    int8 = p["base"] == "int8"
+    fused_rows = DEQUANT_MATMUL_MIN_ROWS - 1 if int8 else CUDA_DENSE_FUSED_MAX_ROWS
+    if int8 and p["M"] <= fused_rows:
+        lines = [("fused", f"path=fused {line}")]
+        return lines + ([("gemv", f"path=gemv {line}")] if p["M"] <= 16 else [])
     if p["M"] <= 16:
-        return [("gemv", f"path=gemv {shape} {base} n={p['adapters']}")]
+        return [("gemv", f"path=gemv {line}")]
+    if p["M"] <= fused_rows:
+        return [("fused", f"path=fused {line}")]
     if p["adapters"]:
-        return [("expand", f"path=expand {shape} {base} n={p['adapters']}")]
+        return [("expand", f"path=expand {line}")]
     return [("mask+cuBLAS", f"path=mask {shape}")]
 
 

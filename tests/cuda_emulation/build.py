@@ -92,7 +92,17 @@ FAMILIES = {
         "attention_driver.cpp",
     ),
     "primitives": Family("primitives", ("primitives.cu",), "primitives_driver.cpp", "kernels"),
-    "lora": Family("lora", ("lora_gemv.cu",), "lora_driver.cpp"),
+    "lora": Family(
+        "lora",
+        (
+            "lora_gemv.cu",
+            "int8_mma_fwd.cu",
+            "int8_mma_fwd_addend.cu",
+            "int8_mma_fwd_dense.cu",
+            "int8_mma_tr.cu",
+        ),
+        "lora_driver.cpp",
+    ),
 }
 
 

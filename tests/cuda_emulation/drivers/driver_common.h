@@ -194,6 +194,26 @@ class Values {
   std::mt19937_64 rng_;
 };
 
+// Layout 2 from q (N, K): packed[nb][kb][16 L + 4 j + b] = q[32 nb + 8 j + L / 4]
+// [16 kb + 2 (L % 4) + (b & 1) + 8 (b >> 1)], rows past N zero.
+inline void pack_layout2(const int8_t* q, int64_t N, int64_t K, int8_t* out) {
+  const int64_t nbs = (N + 31) / 32, kbs = K / 16;
+  for (int64_t nb = 0; nb < nbs; ++nb) {
+    for (int64_t kb = 0; kb < kbs; ++kb) {
+      int8_t* unit = out + (nb * kbs + kb) * 512;
+      for (int L = 0; L < 32; ++L) {
+        for (int j = 0; j < 4; ++j) {
+          for (int b = 0; b < 4; ++b) {
+            const int64_t n = nb * 32 + 8 * j + L / 4;
+            const int64_t k = kb * 16 + 2 * (L % 4) + (b & 1) + 8 * (b >> 1);
+            unit[16 * L + 4 * j + b] = n < N ? q[n * K + k] : 0;
+          }
+        }
+      }
+    }
+  }
+}
+
 // Per-row adapter indices, uniform in [-1, n) (bad: [-3, n + 2), out of range both ways), ranks
 // in [0, R] (bad: [-2, R + 2]) and scales (powers of two for dist=int) of a multi-adapter case:
 // index.size() rows, ranks.size() == scales.size() adapters. Snapshots all three.

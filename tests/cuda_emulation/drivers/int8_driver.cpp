@@ -48,26 +48,6 @@ Int8DType api_dtype() {
 
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
-// Layout 2 from q (N, K): packed[nb][kb][16 L + 4 j + b] = q[32 nb + 8 j + L / 4]
-// [16 kb + 2 (L % 4) + (b & 1) + 8 (b >> 1)], rows past N zero.
-void pack_layout2(const int8_t* q, int64_t N, int64_t K, int8_t* out) {
-  const int64_t nbs = (N + 31) / 32, kbs = K / 16;
-  for (int64_t nb = 0; nb < nbs; ++nb) {
-    for (int64_t kb = 0; kb < kbs; ++kb) {
-      int8_t* unit = out + (nb * kbs + kb) * 512;
-      for (int L = 0; L < 32; ++L) {
-        for (int j = 0; j < 4; ++j) {
-          for (int b = 0; b < 4; ++b) {
-            const int64_t n = nb * 32 + 8 * j + L / 4;
-            const int64_t k = kb * 16 + 2 * (L % 4) + (b & 1) + 8 * (b >> 1);
-            unit[16 * L + 4 * j + b] = n < N ? q[n * K + k] : 0;
-          }
-        }
-      }
-    }
-  }
-}
-
 std::string plan_problem(const Int8MmaPlan& p) {
   if (p.grid != p.tiles * p.splits) return "plan: grid != tiles x splits";
   if (p.splits < 1 || (p.steps > 0 && p.splits > p.steps)) return "plan: an empty split";
@@ -114,7 +94,7 @@ std::string run_mma(const drv::Case& c, std::string* stats) {
   for (size_t i = 0; i < (plan_mode ? 0 : a.size()); ++i) a[i] = drv::from_f<T>(vals.next());
   a.snapshot();
   vals.fill(b);
-  if (K % 16 == 0 && !plan_mode) pack_layout2(q.data(), N, K, qp.data());
+  if (K % 16 == 0 && !plan_mode) drv::pack_layout2(q.data(), N, K, qp.data());
   qp.snapshot();
   sk.fill_nan();
   for (int64_t n = 0; n < N; ++n) {
@@ -314,7 +294,7 @@ std::string run_dequant(const drv::Case& c, std::string* stats) {
   std::vector<int8_t> q(static_cast<size_t>(plan_mode ? 0 : N * K));
   for (auto& v : q) v = static_cast<int8_t>(static_cast<int>(vals.rng()() % 255) - 127);
   Buffer<int8_t> qp(static_cast<size_t>((N + 31) / 32 * 32 * K), c.misaligned('q'));
-  if (K % 16 == 0 && !plan_mode) pack_layout2(q.data(), N, K, qp.data());
+  if (K % 16 == 0 && !plan_mode) drv::pack_layout2(q.data(), N, K, qp.data());
   qp.snapshot();
   Buffer<T> s(static_cast<size_t>(N * groups), c.misaligned('s')),
       w(static_cast<size_t>(N * K), c.misaligned('y'));

@@ -4,6 +4,12 @@
 //                and t_out = round(t) (one adapter)
 //   path=expand: launch_lora_shrink then launch_lora_expand: y = y0 + s_m · round(t) · B[a_m]ᵀ
 //   path=mask:   launch_lora_mask: out = keep ⊙ in (exactly)
+//   path=fused:  launch_lora_shrink then launch_int8_mma with the low-rank addend
+//   (int8_kernels.cuh,
+//                as a programmatic dependent of the shrink): the tensor-core route of
+//                lora_cuda.cpp, on the dense 16-bit weight or the int8 one packed here (layout 2,
+//                group scales group-major); f16 / bf16, K % 8 == 0 (int8: K % 16 == 0).
+//                Group-scaled int8 W is round(q · s) there (the int8 kernel's numerics).
 // W is dense or int8 (float(q) · s in float32); keep is the shared hash of
 // csrc/cuda/lora_dropout.h.
 //
@@ -17,6 +23,7 @@
 #include <vector>
 
 #include "driver_common.h"
+#include "int8_kernels.cuh"
 #include "lora_dropout.h"
 #include "lora_kernels.cuh"
 
@@ -66,6 +73,70 @@ std::string run_mask(const drv::Case& c, std::string* stats) {
   return "";
 }
 
+// path=fused: the tensor-core GEMM over the base with the shrink's partials as its addend.
+template <class T>
+cudaError_t run_fused(const drv::Case& c, const Buffer<T>& x, const Buffer<T>& w,
+                      const Buffer<int8_t>& q, const Buffer<T>& s, const Buffer<T>& b,
+                      const Buffer<T>& bias, Buffer<T>& y, Buffer<T>& t_out,
+                      const Buffer<float>& partial, int64_t splits, const Buffer<int32_t>& index,
+                      const Buffer<int32_t>& ranks, const Buffer<float>& scales, float scale,
+                      int64_t n_stack, bool has_bias) {
+  using lrkernels::cuda::Int8DType;
+  if constexpr (sizeof(T) == 4) {
+    return cudaErrorInvalidValue;  // 16-bit activations only
+  } else {
+    const int64_t M = c.num("M"), N = c.num("N"), K = c.num("K"), R = c.num("R");
+    const int64_t n = c.num("n", 0), G = c.num("group", 0);
+    const bool int8 = c.str("base", "dense") == "int8";
+    const int64_t groups = G > 0 ? K / G : 1, sld = (N + 7) / 8 * 8;
+    // The int8 base as the kernel reads it: packed units, scales per channel or group-major.
+    Buffer<int8_t> qp(static_cast<size_t>(int8 && K % 16 == 0 ? (N + 31) / 32 * 32 * K : 0), 0);
+    Buffer<T> sg(static_cast<size_t>(int8 ? (G > 0 ? groups * sld : N) : 0), 0);
+    if (qp.size() != 0 && !drv::plan_only()) drv::pack_layout2(q.data(), N, K, qp.data());
+    for (size_t i = 0; i < sg.size(); ++i) sg[i] = drv::from_f<T>(0.f);
+    for (int64_t o = 0; int8 && o < N; ++o) {
+      for (int64_t g = 0; g < groups; ++g) sg[G > 0 ? g * sld + o : o] = s[o * groups + g];
+    }
+    const lrkernels::cuda::Int8LowRankAddend addend{partial.data(),
+                                                    splits,
+                                                    R,
+                                                    b.data(),
+                                                    n > 0 ? index.data() : nullptr,
+                                                    n > 0 ? ranks.data() : nullptr,
+                                                    n > 0 ? scales.data() : nullptr,
+                                                    scale,
+                                                    n_stack,
+                                                    n > 0 ? nullptr : t_out.data()};
+    lrkernels::cuda::Int8MmaArgs args{};
+    args.a = x.data();
+    args.lda = K;
+    if (int8) {
+      args.qpacked = qp.data();
+      args.scales = sg.data();
+      args.sld = sld;
+      args.group_size = G;
+    } else {
+      args.dense_weight = w.data();
+      args.ldw = K;
+    }
+    args.bias = has_bias ? bias.data() : nullptr;
+    args.y = y.data();
+    args.ldy = N;
+    args.M = M;
+    args.N = N;
+    args.K = K;
+    args.dtype = std::is_same_v<T, __half> ? Int8DType::kFloat16 : Int8DType::kBFloat16;
+    args.addend = &addend;
+    args.pdl = true;
+    const lrkernels::cuda::Int8MmaPlan plan =
+        lrkernels::cuda::int8_mma_plan(args, static_cast<int>(c.num("sms", 132)));
+    Buffer<float> ws(plan.workspace_floats, 0);
+    Buffer<int> counters(static_cast<size_t>(plan.counters), 0);
+    for (size_t i = 0; i < counters.size(); ++i) counters[i] = 0;
+    return lrkernels::cuda::launch_int8_mma(args, plan, ws.data(), counters.data(), nullptr);
+  }
+}
+
 template <class T>
 std::string run(const drv::Case& c, std::string* stats) {
   const std::string path = c.str("path");
@@ -75,7 +146,7 @@ std::string run(const drv::Case& c, std::string* stats) {
   const int64_t n_stack = n > 0 ? n : 1;
   const bool int8 = c.str("base", "dense") == "int8";
   const int64_t G = c.num("group", 0);
-  const bool has_bias = c.num("bias", 1) != 0 && path == "gemv";
+  const bool has_bias = c.num("bias", 1) != 0 && (path == "gemv" || path == "fused");
   const bool bad = c.num("bad", 0) != 0;
   const uint32_t thr = static_cast<uint32_t>(c.num("drop", 0));
   const int sms = static_cast<int>(c.num("sms", 132));
@@ -158,6 +229,9 @@ std::string run(const drv::Case& c, std::string* stats) {
           K,
           api_dtype<T>()};
       err = lrkernels::cuda::launch_lora_gemv(args, nullptr);
+    } else if (path == "fused") {
+      err = run_fused<T>(c, x, w, q, s, b, bias, y, t_out, partial, splits, index, ranks, scales,
+                         scale, n_stack, has_bias);
     } else if (path == "expand") {
       const lrkernels::cuda::LoraExpandArgs args{adapters, partial.data(), splits, y.data(), M,
                                                  N,        api_dtype<T>()};
@@ -196,7 +270,7 @@ std::string run(const drv::Case& c, std::string* stats) {
         }
       }
       t[j] = drv::round_to<T>(sum);
-      if (n == 0 && path == "gemv") {
+      if (n == 0 && (path == "gemv" || path == "fused")) {
         check.add("t[" + std::to_string(m) + "," + std::to_string(j) + "]",
                   drv::to_f(t_out[m * R + j]), t[j], t_scale + std::fabs(t[j]));
       }
@@ -204,10 +278,13 @@ std::string run(const drv::Case& c, std::string* stats) {
     for (int64_t o = 0; o < N; ++o) {
       double sum = has_bias ? drv::to_f(bias[o]) : y0[m * N + o];
       double sc = std::fabs(sum);
-      if (path == "gemv") {
+      if (path == "gemv" || path == "fused") {
+        const bool rounded_w = path == "fused" && G > 0;  // the int8 kernel's HMUL2 pairs
         for (int64_t k = 0; k < K; ++k) {
-          const double wv = int8 ? double(static_cast<float>(q[o * K + k]) *
-                                          drv::to_f(s[o * groups + (G > 0 ? k / G : 0)]))
+          const float qs = int8 ? static_cast<float>(q[o * K + k]) *
+                                      drv::to_f(s[o * groups + (G > 0 ? k / G : 0)])
+                                : 0.f;
+          const double wv = int8 ? (rounded_w ? drv::round_to<T>(qs) : double(qs))
                                  : double(drv::to_f(w[o * K + k]));
           const double p = double(drv::to_f(x[m * K + k])) * wv;
           sum += p;
