@@ -241,8 +241,8 @@ at::Tensor run_mma(const at::Tensor& act, const at::Tensor& qpacked, const at::T
   args.addend = addend;
   // As a programmatic dependent only when no operand the main loop reads was copied after the
   // producer of t (the copy kernel would be the previous one, still running).
-  args.pdl = pdl && a.data_ptr() == act.data_ptr() && s.data_ptr() == scales.data_ptr() &&
-             q.data_ptr() == qpacked.data_ptr();
+  args.pdl = pdl && device_info(act.get_device()).cc_major >= 9 && a.data_ptr() == act.data_ptr() &&
+             s.data_ptr() == scales.data_ptr() && q.data_ptr() == qpacked.data_ptr();
   launch_planned(args, act);
   return y;
 }
@@ -370,7 +370,8 @@ void dense_forward_into(const at::Tensor& x2d, const at::Tensor& weight, const a
   args.addend = addend;
   args.dense_weight = w.data_ptr();
   args.ldw = w.stride(0);
-  args.pdl = after_shrink && a.data_ptr() == x2d.data_ptr() && w.data_ptr() == weight.data_ptr();
+  args.pdl = after_shrink && device_info(x2d.get_device()).cc_major >= 9 &&
+             a.data_ptr() == x2d.data_ptr() && w.data_ptr() == weight.data_ptr();
   launch_planned(args, x2d);
 }
 

@@ -81,10 +81,10 @@ struct Int8MmaArgs {
   // tiles, pipeline and split-K; the stage holds 16 KiB of weights instead of 8.
   const void* dense_weight = nullptr;
   int64_t ldw = 0;
-  // With an addend only: launch as a programmatic dependent (common/pdl.cuh) of the previous
-  // kernel in the stream (the LoRA shrink, t_partial's producer), which must not write the
-  // activations, the weight or the scales: the main loop overlaps it, and everything after it
-  // (split-K buffers, the epilogue, t) waits for its completion.
+  // With an addend only: launch as a programmatic dependent (common/pdl.cuh; compute capability
+  // 9.0 and newer) of the previous kernel in the stream (the LoRA shrink, t_partial's producer),
+  // which must not write the activations, the weight or the scales: the main loop overlaps it,
+  // and everything after it (split-K buffers, the epilogue, t) waits for its completion.
   bool pdl = false;
 };
 

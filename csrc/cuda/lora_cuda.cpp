@@ -255,7 +255,8 @@ void run_lora_kernels(const char* op, const at::Tensor& x2d, const at::Tensor& w
                                  M,
                                  N,
                                  K,
-                                 dtype};
+                                 dtype,
+                                 device_info(x2d.get_device()).cc_major >= 9};
     C10_CUDA_CHECK(cuda::launch_lora_gemv(gemv_args, stream));
     return;
   }

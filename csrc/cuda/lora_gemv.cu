@@ -346,7 +346,7 @@ cudaError_t gemv_typed(const LoraGemvArgs& args, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(args.N, kGemvWarps)));
   // A programmatic dependent of the shrink (its partials are read after pdl::wait()).
   return lowrank_launch::launch(
-      true, vec ? lora_gemv_kernel<T, kInt8, kVec> : lora_gemv_kernel<T, kInt8, 1>, grid,
+      args.pdl, vec ? lora_gemv_kernel<T, kInt8, kVec> : lora_gemv_kernel<T, kInt8, 1>, grid,
       dim3(kGemvThreads), 0, stream, args);
 }
 

@@ -73,6 +73,9 @@ struct LoraGemvArgs {
   int64_t N;
   int64_t K;
   LoraDType dtype;
+  // Launch as a programmatic dependent of the shrink just before it (common/pdl.cuh; compute
+  // capability 9.0 and newer): the weight stream overlaps the shrink, t is read after the wait.
+  bool pdl = false;
 };
 cudaError_t launch_lora_gemv(const LoraGemvArgs& args, cudaStream_t stream);
 

@@ -227,7 +227,8 @@ std::string run(const drv::Case& c, std::string* stats) {
           M,
           N,
           K,
-          api_dtype<T>()};
+          api_dtype<T>(),
+          /*pdl=*/true};
       err = lrkernels::cuda::launch_lora_gemv(args, nullptr);
     } else if (path == "fused") {
       err = run_fused<T>(c, x, w, q, s, b, bias, y, t_out, partial, splits, index, ranks, scales,
