@@ -121,6 +121,17 @@ LOWRANK_TC = [
     "M=8 in=2048 out=64 rank=256",
     "M=2 in=8 out=8 rank=8 cc=8",
     "M=0 in=8 out=8 rank=8",
+    # the separate reduction kernel (reduce=sep) and the last block's (reduce=last), forced, each
+    # checked bitwise against the other (both_reduce=1): every tile, odd M / rank / out, rows
+    # past M in a tile, transposed and misaligned operands, repeated launches
+    "M=40 in=480 out=70 rank=130 tile=1 splits=5 reduce=sep repeat=2 both_reduce=1",
+    "M=129 in=200 out=136 rank=136 tile=2 splits=3 reduce=sep both_reduce=1",
+    "M=17 in=520 out=65 rank=33 tile=0 splits=9 reduce=sep both_reduce=1",
+    "M=70 in=200 out=72 rank=64 vt=1 ut=1 tile=1 splits=2 reduce=last both_reduce=1",
+    "M=3 in=4099 out=40 rank=8 mis=xUVby splits=7 reduce=sep both_reduce=1",
+    "M=65 in=96 out=33 rank=1 splits=3 reduce=sep",
+    "M=17 in=64 out=8 rank=8 splits=1 reduce=sep",
+    "M=64 in=640 out=64 rank=64 sms=132 fill=1.0",
 ]
 # CUDA-core path: float32 at every M, 16-bit below sm_80 (cc=7) or forced (path=gemv); several
 # splits of `in`, element loads (odd lengths, misaligned), several row chunks, rank > 256.
@@ -144,6 +155,7 @@ LOWRANK_REAL = [
     "dtype=bf16 M=8 in=4096 out=64 rank=128",
     "dtype=f16 M=130 in=512 out=64 rank=64 tile=2 splits=4",
     "dtype=bf16 M=16 in=600 out=40 rank=300 path=gemv",
+    "dtype=bf16 M=300 in=2048 out=72 rank=96 tile=1 splits=19 reduce=sep both_reduce=1",
 ]
 LOWRANK_INVALID = [
     "dtype=f32 M=2 in=16 out=8 rank=8 vt=1 expect=invalid",  # the float32 path reads row-major
@@ -171,6 +183,7 @@ def lowrank_sweep(rng: random.Random, n: int) -> list[str]:
             "bias": rng.randrange(2),
             "sms": rng.choice([1, 2, 5, 132]),
             "splits": rng.choice([0, 0, 1, 2, 3, 5, 9]),
+            "reduce": rng.choice(["auto", "auto", "last", "sep"]),
             "tile": -1 if fp32 else rng.choice([-1, -1, 0, 1, 2]),
             "vt": 0 if fp32 else rng.randrange(2),
             "ut": 0 if fp32 else rng.randrange(2),
@@ -211,6 +224,7 @@ def test_int8_plans_cover_two_ctas_per_sm(monkeypatch):
 # (partials written by other blocks, ordered by the counter's atomics).
 LOWRANK_TSAN = [
     "dtype=f16 M=17 in=300 out=40 rank=40 splits=3",
+    "dtype=bf16 M=33 in=300 out=40 rank=40 tile=1 splits=3 reduce=sep both_reduce=1",
     "dtype=bf16 M=65 in=130 out=70 rank=72 tile=1 splits=2 vt=1 ut=1",
     "dtype=f16 M=20 in=64 out=48 rank=24 tile=2 mis=xUVby",
     "dtype=f32 M=9 in=300 out=40 rank=9 splits=3",
@@ -230,20 +244,62 @@ def test_lowrank_tsan():
     run_cases(binary("lowrank", "tsan"), [c + " dist=int" for c in LOWRANK_TSAN])
 
 
-def test_lowrank_plans_fill_the_gpu():
-    """The planner's choices at the benchmark's shapes (132 SMs): every split count it picks is
-    one the cases above run; the first kernel gets >= 48 blocks (decode: the V stream spread
-    over the GPU), at most 64 slices, and a workspace (t + partials) of at most 16 MiB."""
-    shapes = [(M, f, r) for f in (4096, 8192) for r in (64, 128, 256) for M in (1, 16, 64, 1024)]
-    lines = [f"dtype=bf16 M={M} in={f} out={f} rank={r} mode=plan" for M, f, r in shapes]
+def _lowrank_plans(lines: list[str]) -> list[dict[str, str]]:
     proc = run_binary(binary("lowrank", "asan"), "\n".join(lines) + "\n")
     plans = [ln for ln in proc.stdout.splitlines() if ln.startswith("ok ")]
     assert len(plans) == len(lines), proc.stdout + proc.stderr[-2000:]
-    for line in plans:
-        fields = dict(kv.split("=") for kv in line.split("|")[1].split() if "=" in kv)
-        assert int(fields["down_blocks"]) >= 48, line
-        assert 1 <= int(fields["splits"]) <= 64, line
-        assert int(fields["ws"]) <= 16 * 2**20, line
+    return [dict(kv.split("=") for kv in ln.split("|")[1].split() if "=" in kv) for ln in plans]
+
+
+def _lowrank_fill_margin() -> float:
+    """plan_detail::kFillMargin, read from csrc/cuda/lowrank_kernels.cuh."""
+    header = (emu_build.source_dir() / "lowrank_kernels.cuh").read_text()
+    return float(re.search(r"kFillMargin = ([0-9.]+);", header).group(1))
+
+
+def test_lowrank_plans_fill_the_gpu():
+    """The planner's choices at the benchmark's shapes (132 SMs): the first kernel gets >= 48
+    blocks (decode: the V stream spread over the GPU), at most 64 slices, and a workspace (t +
+    partials) of at most 16 MiB up to M = 1024 (32 MiB above: L2-sized). From M = 64 on, its grid
+    has >= 2 blocks per SM (issue 9), except where the cheapest such grid costs more than
+    kFillMargin times the planner's pick by its own model (fill=100 forces it, to compare)."""
+    shapes = [
+        (M, f, r)
+        for f in (4096, 8192)
+        for r in (64, 128, 256)
+        for M in (1, 16, 64, 256, 1024, 4096, 8192)
+    ]
+    lines = [f"dtype=bf16 M={M} in={f} out={f} rank={r} mode=plan" for M, f, r in shapes]
+    plans = _lowrank_plans(lines)
+    forced = _lowrank_plans([ln + " fill=100" for ln in lines])
+    declined = []
+    for (M, _, _), line, plan, fill in zip(shapes, lines, plans, forced, strict=True):
+        assert int(plan["down_blocks"]) >= 48, (line, plan)
+        assert 1 <= int(plan["splits"]) <= 64, (line, plan)
+        assert int(plan["ws"]) <= (16 if M <= 1024 else 32) * 2**20, (line, plan)
+        if M >= 64 and int(plan["down_blocks"]) < 2 * 132:
+            declined.append(line)
+            assert int(fill["down_blocks"]) >= 2 * 132, (line, fill)
+            ratio = float(fill["model_down_us"]) / float(plan["model_down_us"])
+            assert ratio > _lowrank_fill_margin(), (line, ratio)
+    assert len(declined) <= 4, declined  # the cost model's exceptions stay exceptions
+
+
+def test_lowrank_separate_reduce_where_partials_are_large():
+    """The separate reduction is planned where one block would read many large partials (M =
+    1024, rank 64: 19 slices of 64 x 64 tiles) and not at decode (16-row tiles: the last block
+    reads a few KiB), where its extra dependent launch costs more than it saves."""
+    plans = _lowrank_plans(
+        [
+            "dtype=bf16 M=1024 in=4096 out=4096 rank=64 mode=plan",
+            "dtype=bf16 M=1 in=4096 out=4096 rank=128 mode=plan",
+            "dtype=bf16 M=16 in=8192 out=8192 rank=256 mode=plan",
+        ]
+    )
+    assert plans[0]["reduce"] == "sep" and int(plans[0]["down_blocks"]) >= 264, plans[0]
+    assert plans[0]["counters"] == "0", plans[0]
+    for p in plans[1:]:
+        assert p["reduce"] == "last" and int(p["splits"]) > 1, p
 
 
 # ---------------------------------------------------------------------------------------- int8

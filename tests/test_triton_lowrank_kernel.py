@@ -10,6 +10,7 @@ bfloat16 is only tested on a GPU.
 """
 
 import os
+import re
 import sys
 import zlib
 from pathlib import Path
@@ -179,8 +180,8 @@ def test_backward_style_transposed_factors(dtype):
     _check(dy, Ut, Vt, None)
 
 
-def _config(down, splits, up):
-    return dict(DOWN=down, SPLITS=splits, UP=up)
+def _config(down, splits, up, reduce="last"):
+    return dict(DOWN=down, SPLITS=splits, UP=up, REDUCE=reduce)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -199,6 +200,79 @@ def test_every_split_count_is_deterministic(splits):
     config = _config((16, 16, 16, 4, 2), splits, (16, 16, 16, 4, 2))
     first = _check(x, U, V, b, config=config)
     assert torch.equal(first, _check(x, U, V, b, config=config))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize(
+    "M,down,splits",
+    [(40, (16, 16, 16, 4, 2), 3), (70, (64, 32, 32, 4, 2), 5), (1, (16, 16, 16, 4, 2), 7)],
+)
+def test_separate_reduce_equals_the_last_programs(dtype, M, down, splits):
+    """REDUCE="sep" (_lowrank_reduce_kernel, 512 elements of a tile per program: rows past M,
+    several chunks per 64 x 32 tile) gives the bits of the last program's sum (same slice order)
+    on real-valued inputs, and both match the reference."""
+    x, U, V, b = _make(M, 150, 37, 40, dtype)
+    up = (16, 32, 16, 4, 2)
+    last = _check(x, U, V, b, config=_config(down, splits, up, "last"))
+    sep = _check(x, U, V, b, config=_config(down, splits, up, "sep"))
+    assert torch.equal(last, sep)
+
+
+def test_separate_reduce_without_splits_is_plain():
+    """REDUCE="sep" with one slice: nothing to reduce; t is written by the first kernel."""
+    x, U, V, b = _make(9, 40, 12, 5, torch.float32)
+    _check(x, U, V, b, config=_config((16, 16, 16, 4, 2), 1, (16, 16, 16, 4, 2), "sep"))
+
+
+def test_bad_reduce_is_named():
+    x, U, V, b = _make(4, 40, 6, 3, torch.float32)
+    out = torch.empty(4, 6)
+    with pytest.raises(ValueError, match="REDUCE"):
+        lowrank.launch_lowrank_linear(
+            x, U, V, b, out, config=_config((16, 16, 16, 4, 2), 2, (16, 16, 16, 4, 2), "tree")
+        )
+
+
+def test_fill_margin_is_the_cuda_planners():
+    """One rule for both backends: _FILL_MARGIN mirrors plan_detail::kFillMargin."""
+    header = Path(_REPO_ROOT, "csrc", "cuda", "lowrank_kernels.cuh").read_text()
+    assert lowrank._FILL_MARGIN == float(re.search(r"kFillMargin = ([0-9.]+);", header).group(1))
+
+
+def test_planner_fills_the_gpu_or_says_why():
+    """132 SMs, in = out = 4096 / 8192, rank 64-256, M 64-8192: >= 2 programs per SM unless the
+    cheapest such grid is estimated above _FILL_MARGIN times the pick (fill_margin=inf forces
+    it, to compare) or, at M = 64, the work has fewer units (the 16-row tiles step K by 128);
+    fill_margin=1.0 gives the cheapest estimate of all."""
+    declined = 0
+    for f in (4096, 8192):
+        for r in (64, 128, 256):
+            for M in (64, 256, 1024, 4096, 8192):
+                args = (M, f, f, r, torch.bfloat16, 132, 232_448)
+                c = lowrank.choose_config(*args)
+                cheapest = lowrank.choose_config(*args, fill_margin=1.0)
+                filling = lowrank.choose_config(*args, fill_margin=float("inf"))
+
+                def cost(cfg, M=M, f=f, r=r):
+                    return lowrank._down_cost(
+                        M, f, r, cfg["DOWN"], cfg["SPLITS"], cfg["REDUCE"], "16bit", 132
+                    )
+
+                def programs(cfg, M=M, r=r):
+                    bm, br = cfg["DOWN"][:2]
+                    return -(-M // bm) * -(-r // br) * cfg["SPLITS"]
+
+                assert cost(cheapest) <= cost(c) <= lowrank._FILL_MARGIN * cost(cheapest)
+                if programs(c) < 264 and programs(filling) >= 264:
+                    declined += 1
+                    assert cost(filling) > lowrank._FILL_MARGIN * cost(cheapest), (args, c)
+                elif programs(c) < 264:  # fewer units of work than 264 (slices of 2 k steps)
+                    assert M <= 64, (args, c)
+                assert c["REDUCE"] in ("last", "sep")
+    # The comparison branch ran: Triton's tiles are coarser than the CUDA kernels' (16-row tiles
+    # step K by 128 and run mma.sync, not wgmma), and its model puts the filling grid at 1.25-1.5x
+    # the cheapest at most of these shapes, where the CUDA planner takes it at all but 4.
+    assert declined >= 1
 
 
 @pytest.mark.parametrize("M", [1, 24])
@@ -234,6 +308,8 @@ def test_choose_config_invariants():
                         assert c["SLICE"] % bk == 0 and c["SLICE"] >= 1
                         assert c["SPLITS"] == -(-K // c["SLICE"]) >= 1  # no empty slice
                         assert c["LDT"] == -(-R // br) * br
+                        assert c["REDUCE"] in ("last", "sep")
+                        assert c["SPLITS"] > 1 or c["REDUCE"] == "last"
                         programs = -(-M // bm) * -(-R // br) * c["SPLITS"]
                         assert c["SPLITS"] == 1 or programs <= 3 * sms + -(-M // bm) * -(-R // br)
 

@@ -12,11 +12,18 @@ Design: the decomposition of the CUDA kernels (csrc/cuda/lowrank_kernels.cuh), t
 
 * ``_lowrank_down_kernel``: one program per (rank chunk, K slice, row tile) computes
   ``x[rows, slice] @ V[chunk, slice].T`` in float32. With ``SPLITS > 1`` it stores that partial
-  to a workspace and adds 1 to its tile's counter (``tl.atomic_add``, acq_rel); the program
-  that arrives last resets the counter and sums the ``SPLITS`` partials in slice order (fixed
-  order: deterministic, no atomics on values), then writes ``t`` (the dtype) to a small
-  workspace of ``M x LDT`` elements. Without splits it writes ``t`` directly. The split count
-  brings the grid to about two programs per SM when the row tiles alone would leave SMs idle.
+  to a workspace, and the partials are summed in slice order (fixed order: deterministic, no
+  atomics on values) into ``t`` (the dtype), a small workspace of ``M x LDT`` elements, by
+  (``REDUCE``):
+
+  - ``"last"``: the program that arrives last at its tile's counter (``tl.atomic_add``,
+    acq_rel), which resets it;
+  - ``"sep"``: ``_lowrank_reduce_kernel``, a third launch that spreads the sum over the GPU
+    (one program per 512 elements of a tile): for large tiles, where one program reading every
+    partial of its tile would bound the split count.
+
+  Without splits it writes ``t`` directly. The split count brings the grid to at least two
+  programs per SM whenever the work splits that far (the cheapest such by the cost model).
 * ``_lowrank_up_kernel``: one program per (output-column tile, row tile) computes
   ``t[rows] @ U[cols].T + bias``.
 
@@ -47,6 +54,7 @@ The dispatch keeps torch outside 16 < M <= 1024 until measured
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -90,6 +98,7 @@ def _lowrank_down_kernel(
     stride_vr,
     stride_vk,
     SPLIT: tl.constexpr,
+    SEPARATE_REDUCE: tl.constexpr,
     IEEE_FP32: tl.constexpr,
     INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -100,7 +109,8 @@ def _lowrank_down_kernel(
 
     Program pid = rc + rank_chunks * (s + splits * rt): rank chunk rc, K slice s, row tile rt.
     Partials: part[tile, s] is a BLOCK_M x BLOCK_R float32 tile (rows >= M not written);
-    cnt[tile] is zero at launch and left zero.
+    cnt[tile] is zero at launch and left zero. SEPARATE_REDUCE: only the partials are written
+    (``_lowrank_reduce_kernel`` sums them).
     """
     pid = tl.program_id(0)
     rc = pid % rank_chunks
@@ -139,21 +149,64 @@ def _lowrank_down_kernel(
         base = part_ptr + tile * splits * (BLOCK_M * BLOCK_R)
         loc = tl.arange(0, BLOCK_M)[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :]
         tl.store(base + s * (BLOCK_M * BLOCK_R) + loc, acc, mask=m_mask[:, None])
-        tl.debug_barrier()  # every thread's partial is stored before the (release) arrival
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if arrived == splits - 1:  # the last slice to arrive: sum the partials in slice order
-            tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch
-            total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for q in range(0, splits):
-                total += tl.load(
-                    base + q * (BLOCK_M * BLOCK_R) + loc,
-                    mask=m_mask[:, None],
-                    other=0.0,
-                    cache_modifier=".cg",  # through L2: other programs wrote them
-                )
-            tl.store(t_ptrs, total.to(t_ptr.dtype.element_ty), mask=t_mask)
+        if not SEPARATE_REDUCE:
+            tl.debug_barrier()  # every thread's partial is stored before the (release) arrival
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+            if arrived == splits - 1:  # the last slice to arrive: sum the partials in slice order
+                tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch
+                total = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for q in range(0, splits):
+                    total += tl.load(
+                        base + q * (BLOCK_M * BLOCK_R) + loc,
+                        mask=m_mask[:, None],
+                        other=0.0,
+                        cache_modifier=".cg",  # through L2: other programs wrote them
+                    )
+                tl.store(t_ptrs, total.to(t_ptr.dtype.element_ty), mask=t_mask)
     else:
         tl.store(t_ptrs, acc.to(t_ptr.dtype.element_ty), mask=t_mask)
+
+
+# Elements of a down tile per program of _lowrank_reduce_kernel.
+_REDUCE_CHUNK = 512
+
+
+@triton.jit
+def _lowrank_reduce_kernel(
+    part_ptr,
+    t_ptr,
+    M,
+    ldt,
+    splits,
+    rank_chunks,
+    INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    CHUNK: tl.constexpr,
+    CHUNKS: tl.constexpr,
+):
+    """t = sum of the partials part[tile, 0], part[tile, 1], ... in slice order (the sum of the
+    last-program reduction, bit for bit), rounded to t's dtype.
+
+    Program pid = c + CHUNKS * tile: elements [c * CHUNK, (c + 1) * CHUNK) of the row-major
+    BLOCK_M x BLOCK_R tile `tile` = rt * rank_chunks + rc (rows >= M skipped).
+    """
+    pid = tl.program_id(0)
+    tile = pid // CHUNKS
+    loc = (pid % CHUNKS) * CHUNK + tl.arange(0, CHUNK)
+    if INDEX_64:
+        tile = tile.to(tl.int64)
+        loc = loc.to(tl.int64)
+    rt = tile // rank_chunks
+    rc = tile % rank_chunks
+    row = rt * BLOCK_M + loc // BLOCK_R
+    col = rc * BLOCK_R + loc % BLOCK_R
+    mask = (loc < BLOCK_M * BLOCK_R) & (row < M)
+    base = part_ptr + tile * splits * (BLOCK_M * BLOCK_R) + loc
+    total = tl.zeros((CHUNK,), dtype=tl.float32)
+    for q in range(0, splits):
+        total += tl.load(base + q * (BLOCK_M * BLOCK_R), mask=mask, other=0.0)
+    tl.store(t_ptr + row * ldt + col, total.to(t_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -267,9 +320,9 @@ _WAVE_US = 1.0
 _REF_SMS = 132
 _RESIDENT_PER_SM = 2  # programs an SM holds at once (the waves below assume as much)
 _LATENCY_WARPS = 8  # resident warps an SM needs to keep dot latencies covered
-# A grid of >= 2 programs per SM is taken when its estimate is at most this factor of the best
-# (csrc/cuda/lowrank_kernels.cuh: the same rule).
-_FILL_MARGIN = 1.10
+# A grid of >= 2 programs per SM is taken when its estimate is at most this factor of the
+# cheapest (csrc/cuda/lowrank_kernels.cuh, kFillMargin: the same rule).
+_FILL_MARGIN = 1.25
 
 
 def _mma_spread(programs: int, warps: int, sms: int) -> float:
@@ -306,7 +359,27 @@ def _mma_rate(kind: str, block_m: int) -> float:
     return _MMA_FLOPS_PER_US["wgmma" if block_m >= 64 else "mma"]
 
 
-def _down_cost(M: int, K: int, R: int, cfg: tuple, splits: int, kind: str, sms: int) -> float:
+def _reduce_cost(M: int, R: int, cfg: tuple, splits: int, reduce: str, sms: int) -> float:
+    """Microseconds of summing the partials (csrc/cuda/lowrank_kernels.cuh, reduce_cost_us):
+    "last", one program per tile reads its S partials through one SM; "sep", every partial read
+    once over the GPU plus one more launch."""
+    if splits <= 1:
+        return 0.0
+    bm, br = cfg[0], cfg[1]
+    if reduce == "last":
+        return 4.0 * splits * min(M, bm) * br / _SM_L2_BYTES_PER_US
+    ldt = _cdiv(R, br) * br
+    nbytes = 4.0 * splits * M * ldt + 2.0 * M * ldt
+    programs = max(_cdiv(M, bm) * _cdiv(R, br) * _cdiv(bm * br, _REDUCE_CHUNK), 1)
+    per_sm = nbytes / min(programs, sms)
+    return max(nbytes / (_L2_BYTES_PER_US * sms / _REF_SMS), per_sm / _SM_L2_BYTES_PER_US) + (
+        _WAVE_US
+    )
+
+
+def _down_cost(
+    M: int, K: int, R: int, cfg: tuple, splits: int, reduce: str, kind: str, sms: int
+) -> float:
     bm, br = cfg[0], cfg[1]
     esize = 4 if kind == "fp32" else 2
     rt, rc = _cdiv(M, bm), _cdiv(R, br)
@@ -320,8 +393,11 @@ def _down_cost(M: int, K: int, R: int, cfg: tuple, splits: int, kind: str, sms: 
     fill = min(1.0, programs / sms)
     spread = _mma_spread(programs, cfg[3], sms)
     waves = _cdiv(programs, _RESIDENT_PER_SM * sms)
-    reduce = 4.0 * splits * min(M, bm) * br / _SM_L2_BYTES_PER_US if splits > 1 else 0.0
-    return max(hbm / fill, l2 / fill, mma * spread) + _WAVE_US * waves + reduce
+    return (
+        max(hbm / fill, l2 / fill, mma * spread)
+        + _WAVE_US * waves
+        + _reduce_cost(M, R, cfg, splits, reduce, sms)
+    )
 
 
 def _up_cost(M: int, N: int, ldt: int, cfg: tuple, kind: str, sms: int) -> float:
@@ -348,13 +424,22 @@ def _slice_for(K: int, splits: int, align: int) -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=1024)
 def _choose_config_cached(
-    M: int, K: int, N: int, R: int, dtype: torch.dtype, num_sms: int, smem_budget: int
+    M: int,
+    K: int,
+    N: int,
+    R: int,
+    dtype: torch.dtype,
+    num_sms: int,
+    smem_budget: int,
+    fill_margin: float | None,
 ) -> tuple:
     kind = "fp32" if dtype == torch.float32 else "16bit"
     esize = 4 if kind == "fp32" else 2
     M = max(M, 1)
-    # The cheapest (tile, split) by the cost model, except that a grid of >= 2 programs per SM
-    # is preferred within _FILL_MARGIN of it (closer than the model can tell apart).
+    # A grid of >= 2 programs per SM, the cheapest such (tile, split, reduction) by the cost
+    # model, whenever the work splits that far and it is within `fill_margin` (default
+    # _FILL_MARGIN) of the cheapest grid of all; otherwise that cheapest grid
+    # (csrc/cuda/lowrank_kernels.cuh: the same rule).
     best = filling = None
     for cfg in _DOWN_CONFIGS[kind]:
         if _smem_estimate("down", cfg, esize) > smem_budget:
@@ -368,18 +453,21 @@ def _choose_config_cached(
             if splits in seen:
                 continue
             seen.add(splits)
-            cost = _down_cost(M, K, R, cfg, splits, kind, num_sms)
-            if best is None or cost < best[0]:
-                best = (cost, cfg, splits, slice_len)
             fills = num_sms > 1 and base * splits >= 2 * num_sms
-            if fills and (filling is None or cost < filling[0]):
-                filling = (cost, cfg, splits, slice_len)
-    if filling is not None and filling[0] <= _FILL_MARGIN * best[0]:
+            for reduce in ("last", "sep") if splits > 1 else ("last",):
+                cost = _down_cost(M, K, R, cfg, splits, reduce, kind, num_sms)
+                choice = (cost, cfg, splits, slice_len, reduce)
+                if best is None or cost < best[0]:
+                    best = choice
+                if fills and (filling is None or cost < filling[0]):
+                    filling = choice
+    margin = _FILL_MARGIN if fill_margin is None else fill_margin
+    if filling is not None and filling[0] <= margin * best[0]:
         best = filling
     if best is None:  # nothing fits the budget: the smallest tiles
         cfg = _DOWN_CONFIGS[kind][0]
-        best = (0.0, cfg, 1, _cdiv(K, cfg[2]) * cfg[2])
-    _, down, splits, slice_len = best
+        best = (0.0, cfg, 1, _cdiv(K, cfg[2]) * cfg[2], "last")
+    _, down, splits, slice_len, reduce = best
     ldt = _cdiv(R, down[1]) * down[1]
 
     up_best = None
@@ -394,6 +482,7 @@ def _choose_config_cached(
         ("DOWN", down),
         ("SPLITS", splits),
         ("SLICE", slice_len),
+        ("REDUCE", reduce),
         ("LDT", ldt),
         ("UP", up),
     )
@@ -407,6 +496,7 @@ def choose_config(
     dtype: torch.dtype,
     num_sms: int,
     smem_budget: int | None = None,
+    fill_margin: float | None = None,
 ) -> dict:
     """Launch configuration for ``launch_lowrank_linear`` (cost model, no autotuning).
 
@@ -418,12 +508,16 @@ def choose_config(
             fewest, largest programs).
         smem_budget: bytes of shared memory a program may use (default 96 KiB: consumer GPUs
             too); configurations whose estimate exceeds it are skipped.
+        fill_margin: a grid of >= 2 programs per SM is taken when the work splits that far
+            and its estimate is within this factor of the cheapest (None: _FILL_MARGIN, 1.25;
+            1.0: the cheapest; ``LRKERNELS_LOWRANK_FILL_MARGIN`` sets it for the launcher).
 
     Returns:
         dict with DOWN = (BLOCK_M, BLOCK_R, BLOCK_K, num_warps, num_stages) of the first
-        kernel, SPLITS (K slices) and SLICE (their length, a multiple of BLOCK_K), LDT (t's
-        leading dimension: rank rounded up to BLOCK_R), UP = (BLOCK_M, BLOCK_N, BLOCK_R,
-        num_warps, num_stages) of the second.
+        kernel, SPLITS (K slices) and SLICE (their length, a multiple of BLOCK_K), REDUCE
+        ("last" or "sep": who sums the partials when SPLITS > 1), LDT (t's leading dimension:
+        rank rounded up to BLOCK_R), UP = (BLOCK_M, BLOCK_N, BLOCK_R, num_warps, num_stages) of
+        the second.
     """
     if dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"lowrank: unsupported dtype {dtype}")
@@ -437,8 +531,15 @@ def choose_config(
             dtype,
             max(1, int(num_sms)),
             budget,
+            None if fill_margin is None else float(fill_margin),
         )
     )
+
+
+def _env_fill_margin() -> float | None:
+    """LRKERNELS_LOWRANK_FILL_MARGIN (the CUDA backend reads the same variable), or None."""
+    value = os.environ.get("LRKERNELS_LOWRANK_FILL_MARGIN")
+    return float(value) if value else None
 
 
 @functools.cache
@@ -475,7 +576,7 @@ def launch_lowrank_linear(
     or bfloat16 (all the same); float32 accumulation; for 16-bit dtypes x2d·Vᵀ is rounded
     to the dtype before the second product. ``config`` overrides :func:`choose_config`
     (tests and benchmarks); it must contain the same keys (SPLITS is then clamped so that no
-    slice is empty, and SLICE recomputed).
+    slice is empty, and SLICE recomputed; REDUCE may be left out: "last").
     """
     if x2d.dim() != 2 or U.dim() != 2 or V.dim() != 2 or out.dim() != 2:
         raise ValueError("lowrank: x2d, U, V and out must be 2-D")
@@ -501,7 +602,9 @@ def launch_lowrank_linear(
 
     if config is None:
         num_sms, smem_budget = _device_limits(x2d.device.type, x2d.device.index)
-        config = choose_config(M, in_features, out_features, rank, dtype, num_sms, smem_budget)
+        config = choose_config(
+            M, in_features, out_features, rank, dtype, num_sms, smem_budget, _env_fill_margin()
+        )
     bm, br, bk, down_warps, down_stages = config["DOWN"]
     ubm, ubn, ubr, up_warps, up_stages = config["UP"]
     slice_len, splits = _slice_for(in_features, config["SPLITS"], bk)
@@ -510,12 +613,17 @@ def launch_lowrank_linear(
         raise ValueError(f"lowrank: config LDT must be rank rounded up to BLOCK_R ({ldt})")
     row_tiles, rank_chunks = _cdiv(M, bm), _cdiv(rank, br)
     tiles = row_tiles * rank_chunks
+    reduce = config.get("REDUCE", "last")
+    if reduce not in ("last", "sep"):
+        raise ValueError(f"lowrank: config REDUCE must be 'last' or 'sep', got {reduce!r}")
+    separate = splits > 1 and reduce == "sep"
 
     dev = x2d.device
     t = torch.empty((M, ldt), device=dev, dtype=dtype)
     if splits > 1:
         partial = torch.empty(tiles * splits * bm * br, device=dev, dtype=torch.float32)
-        counters = torch.zeros(tiles, device=dev, dtype=torch.int32)
+        # the separate reduction needs no counters: a dummy pointer, never read
+        counters = partial if separate else torch.zeros(tiles, device=dev, dtype=torch.int32)
     else:
         partial = counters = t  # unused (SPLIT=False compiles them away)
 
@@ -544,6 +652,7 @@ def launch_lowrank_linear(
         V.stride(0),
         V.stride(1),
         SPLIT=splits > 1,
+        SEPARATE_REDUCE=separate,
         IEEE_FP32=ieee,
         INDEX_64=index_64,
         BLOCK_M=bm,
@@ -552,6 +661,23 @@ def launch_lowrank_linear(
         num_warps=down_warps,
         num_stages=down_stages,
     )
+
+    if separate:
+        chunks = _cdiv(bm * br, _REDUCE_CHUNK)
+        launchable(_lowrank_reduce_kernel)[(tiles * chunks,)](
+            partial,
+            t,
+            M,
+            ldt,
+            splits,
+            rank_chunks,
+            INDEX_64=index_64,
+            BLOCK_M=bm,
+            BLOCK_R=br,
+            CHUNK=_REDUCE_CHUNK,
+            CHUNKS=chunks,
+            num_warps=4,
+        )
 
     # bias=None: HAS_BIAS=False compiles the bias load away; `out` is a dummy pointer.
     col_tiles = _cdiv(out_features, ubn)

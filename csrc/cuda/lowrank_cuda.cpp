@@ -6,6 +6,13 @@
 // counters, stream. U and V are passed with their strides: the transposed views of the input
 // gradient (dx = lowrank(dy, Vᵀ, Uᵀ)) are read in place by the tensor-core kernels (the float32
 // path, which reads row-major factors, copies them).
+//
+// Plan overrides, read per call (benchmarks' A/Bs and tests; unset = the planner's choice):
+//   LRKERNELS_LOWRANK_FILL_MARGIN=X  a grid of >= 2 blocks per SM only within X times the cost
+//                                    model's best (1.0: the model's best; bench/lowrank.py's
+//                                    lrkernels-cuda-modelbest provider)
+//   LRKERNELS_LOWRANK_SPLITS=N       force N slices of `in` (clamped so that none is empty)
+//   LRKERNELS_LOWRANK_REDUCE=last|sep  who sums a split tensor-core `down`'s partials
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -15,10 +22,12 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -77,6 +86,19 @@ unsigned* split_counters(const at::Device& device, cudaStream_t stream, size_t n
   return static_cast<unsigned*>(buffer.data_ptr());
 }
 
+cuda::PlanOptions plan_options_from_env() {
+  cuda::PlanOptions o;
+  if (const char* v = std::getenv("LRKERNELS_LOWRANK_FILL_MARGIN")) o.fill_margin = std::atof(v);
+  if (const char* v = std::getenv("LRKERNELS_LOWRANK_SPLITS")) o.splits = std::atoi(v);
+  if (const char* v = std::getenv("LRKERNELS_LOWRANK_REDUCE")) {
+    const std::string r = v;
+    TORCH_CHECK(r == "last" || r == "sep",
+                "LRKERNELS_LOWRANK_REDUCE must be 'last' or 'sep', got '", r, "'");
+    o.reduce = static_cast<int>(r == "last" ? cuda::Reduce::kLastBlock : cuda::Reduce::kSeparate);
+  }
+  return o;
+}
+
 at::Tensor lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& U, const at::Tensor& V,
                                const std::optional<at::Tensor>& bias) {
   check_lowrank_linear_args(x, U, V, bias);
@@ -122,7 +144,8 @@ at::Tensor lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& U, const a
     args.u_sj = U_k.stride(1);
   };
   set_factors();
-  const cuda::LowRankPlan plan = cuda::plan_lowrank(args, {info.num_sms, info.cc_major});
+  const cuda::LowRankPlan plan =
+      cuda::plan_lowrank(args, {info.num_sms, info.cc_major}, plan_options_from_env());
   if (plan.path == cuda::Path::kGemv && !(V_k.is_contiguous() && U_k.is_contiguous())) {
     U_k = U_k.contiguous();  // the CUDA-core path reads row-major factors (its plan does not
     V_k = V_k.contiguous();  // depend on their strides)

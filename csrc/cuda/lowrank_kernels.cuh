@@ -3,11 +3,19 @@
 // side (argument checks, allocation, the persistent split counters, streams) lives in
 // lowrank_cuda.cpp, and the CPU emulation's driver calls it directly.
 //
-// Two kernels per call, whatever the path:
+// Two kernels per call (three when a split `down` is reduced by its own kernel):
 //   down: t = x · Vᵀ, split over `in` (K slices) when the row tiles alone would not fill the GPU;
-//         the slices of a tile store float32 partials and the last block to arrive at the tile's
-//         counter reduces them in slice order (deterministic) and writes t, rounded to the dtype,
-//         into a small workspace (M x ldt elements: 1 MiB at M = 4096, rank 128, bf16; L2-sized).
+//         the slices of a tile store float32 partials, reduced in slice order (deterministic)
+//         into t, rounded to the dtype, in a small workspace (M x ldt elements: 1 MiB at
+//         M = 4096, rank 128, bf16; L2-sized). Who reduces (plan.reduce):
+//           kLastBlock: the last block to arrive at the tile's counter, inside `down`. One block
+//                       per tile reads every partial: cheap for small tiles (decode), but its
+//                       bandwidth into one SM bounds the split count for large ones;
+//           kSeparate:  `reduce`, a third kernel between the two (a programmatic dependent of
+//                       `down`), spreads the sum over the whole GPU: one thread per 4 columns
+//                       of a row of t. Costs one more dependent launch (~1 us), saves the serial
+//                       read of S x BM x BN x 4 bytes through one SM (M = 1024, rank 64, 19
+//                       slices of 128 x 64 tiles: 608 KiB, ~6 us at ~100 GB/s into an SM).
 //   up:   y = t · Uᵀ + bias, launched as a programmatic dependent of `down` on sm_90 (PDL): its
 //         blocks start while `down` finishes and stream their U tiles and bias before they wait
 //         for t, so the second launch costs neither a launch gap nor U's latency.
@@ -62,6 +70,10 @@ enum class Path : int {
   kGemv = 1,        // float32 (exact FMAs, no TF32), or 16-bit below 8.0: CUDA-core GEMV tiles
 };
 
+// Who sums the partials of a split tensor-core `down` (see the top of this file).
+enum class Reduce : int { kLastBlock = 0, kSeparate = 1 };
+constexpr int kReduceThreads = 128;  // reduce kernel: threads per block, 4 columns of t each
+
 // Tile shapes of the tensor-core kernels (both kernels use the same three; BN is the rank chunk
 // of `down` and the output-column tile of `up`).
 enum class Tile : int { k16 = 0, k64 = 1, k128 = 2 };
@@ -85,6 +97,7 @@ struct LowRankPlan {
   Path path;
   Tile down_tile, up_tile;  // tensor-core path
   int splits;               // K slices of `down` (1: no partials, no counters)
+  Reduce reduce;            // tensor-core path with splits > 1: who sums the partials
   int64_t slice;            // elements of `in` per slice (a multiple of 32, or 8 on gemv)
   int64_t row_tiles;        // down: row tiles (gemv: row chunks of kGemvRows)
   int64_t rank_chunks;      // down: rank chunks (bn wide; gemv: kGemvRank)
@@ -94,9 +107,17 @@ struct LowRankPlan {
   bool pdl;              // launch `up` (and `down`) as programmatic dependents (sm_90+)
   size_t t_bytes;        // workspace: t (dtype on the tensor-core path, float32 on gemv)
   size_t partial_bytes;  // workspace: float32 partials of the split tiles (0 when splits == 1)
-  size_t counters;       // uint32 counters that must be zero at launch (0 when splits == 1)
+  size_t counters;       // uint32 counters that must be zero at launch (0 unless the last
+                         // block of a split tile reduces it)
 
   int64_t down_blocks() const { return row_tiles * rank_chunks * splits; }
+  bool separate_reduce() const {
+    return path == Path::kTensorCore && splits > 1 && reduce == Reduce::kSeparate;
+  }
+  // Reduce kernel blocks: one thread per 4 columns of a row of t.
+  int64_t reduce_blocks(int64_t M) const {
+    return separate_reduce() ? (M * (ldt / 4) + kReduceThreads - 1) / kReduceThreads : 0;
+  }
   int64_t up_blocks() const { return up_row_tiles * up_col_tiles; }
   size_t workspace_bytes() const { return t_bytes + partial_bytes; }
 };
@@ -108,9 +129,11 @@ struct DeviceCaps {
 
 // Overrides for tests and benchmarks; 0 / -1 keep the planner's choice.
 struct PlanOptions {
-  int splits = 0;  // force this many K slices (clamped so that none is empty)
-  int tile = -1;   // force Tile(tile) for both tensor-core kernels
-  int path = -1;   // force Path(path) (the tensor-core path still needs a 16-bit dtype)
+  int splits = 0;          // force this many K slices (clamped so that none is empty)
+  int tile = -1;           // force Tile(tile) for both tensor-core kernels
+  int path = -1;           // force Path(path) (the tensor-core path still needs a 16-bit dtype)
+  int reduce = -1;         // force Reduce(reduce) for split tensor-core plans
+  double fill_margin = 0;  // > 0: replaces plan_detail::kFillMargin (1.0: the model's best)
 };
 
 namespace plan_detail {
@@ -141,7 +164,7 @@ constexpr double kRefSms = 132;
 // the MMA rate falls in proportion).
 constexpr double kLatencyWarps = 8;
 // A grid of >= 2 blocks per SM is taken when its estimate is at most this factor of the best.
-constexpr double kFillMargin = 1.10;
+constexpr double kFillMargin = 1.25;
 
 // Share of its MMA rate an SM reaches, and how much longer the busiest SM works than the mean,
 // for `blocks` blocks of `warps` warps, at most `per_sm` resident per SM: the factor the MMA time
@@ -157,11 +180,31 @@ inline double mma_spread(int64_t blocks, int warps, int per_sm, int num_sms) {
   return imbalance / occupancy;
 }
 
-// Estimated microseconds of `down` for a tile and split count (a cost model: bytes through HBM
-// and L2 over the SMs that have work, MMA time spread over the busiest SM, waves, and the critical
-// path of the last block's reduction).
+// Estimated microseconds of summing the partials of a split `down` (0 when splits == 1).
+//   kLastBlock: the critical path of one block reading the S partials of its tile (rows < M)
+//               through one SM;
+//   kSeparate:  every partial read once over the GPU (L2 bandwidth, or the bandwidth into the
+//               SMs that have reduce blocks), t written, plus one more dependent launch.
+inline double reduce_cost_us(int64_t M, int64_t rank, Tile tile, int64_t splits, Reduce reduce,
+                             int num_sms) {
+  if (splits <= 1) return 0.0;
+  const TileDims d = tile_dims(tile);
+  if (reduce == Reduce::kLastBlock) {
+    const double rows = static_cast<double>(std::min<int64_t>(M, d.bm));
+    return 4.0 * splits * rows * d.bn / kSmL2BytesPerUs;
+  }
+  const int64_t ldt = cdiv(rank, d.bn) * d.bn;
+  const double bytes = 4.0 * splits * M * ldt + 2.0 * M * ldt;
+  const int64_t blocks = std::max<int64_t>(cdiv(M * ldt / 4, kReduceThreads), 1);
+  const double per_sm = bytes / std::min<int64_t>(blocks, num_sms);
+  return std::max(bytes / (kL2BytesPerUs * num_sms / kRefSms), per_sm / kSmL2BytesPerUs) + kWaveUs;
+}
+
+// Estimated microseconds of `down` for a tile, split count and reduction (a cost model: bytes
+// through HBM and L2 over the SMs that have work, MMA time spread over the busiest SM, waves, and
+// the reduction of the partials).
 inline double down_cost_us(int64_t M, int64_t in, int64_t rank, Tile tile, int64_t splits,
-                           int num_sms) {
+                           Reduce reduce, int num_sms) {
   const TileDims d = tile_dims(tile);
   const int64_t rt = cdiv(M, d.bm), rc = cdiv(rank, d.bn);
   const int64_t blocks = rt * rc * splits;
@@ -174,9 +217,8 @@ inline double down_cost_us(int64_t M, int64_t in, int64_t rank, Tile tile, int64
   const double fill = std::min(1.0, static_cast<double>(blocks) / num_sms);
   const double spread = mma_spread(blocks, d.threads / 32, d.blocks_per_sm, num_sms);
   const int64_t waves = cdiv(blocks, static_cast<int64_t>(num_sms) * d.blocks_per_sm);
-  const double rows = static_cast<double>(std::min<int64_t>(M, d.bm));
-  const double reduce = splits > 1 ? 4.0 * splits * rows * d.bn / kSmL2BytesPerUs : 0.0;
-  return std::max({hbm / fill, l2 / fill, mma * spread}) + kWaveUs * waves + reduce;
+  return std::max({hbm / fill, l2 / fill, mma * spread}) + kWaveUs * waves +
+         reduce_cost_us(M, rank, tile, splits, reduce, num_sms);
 }
 
 inline double up_cost_us(int64_t M, int64_t out, int64_t ldt, Tile tile, int num_sms) {
@@ -251,48 +293,75 @@ inline LowRankPlan plan_lowrank(const LowRankArgs& args, const DeviceCaps& dev,
     p.x_layout = p.v_layout = Layout::kStrided;  // one generic down kernel for odd layouts
   }
 
-  // down: the (tile, split) with the lowest estimated time, except that a grid of at least 2
-  // blocks per SM (>= 2 waves of the SM count: latency hiding, an even load) is preferred when
-  // the model puts it within kFillMargin of the best: closer than the model can tell apart.
-  // Candidates: every tile, and split counts up to 3 blocks per SM, slices >= 4 k steps (128
-  // elements: a full 4-stage pipeline). Decode shapes have fewer such units of work than 2 x SMs
-  // (in = 4096, rank 64, M <= 16: 2 rank chunks x 32 slices): there every unit is a block, all
-  // of them resident, every copy issued at once. Where more splits cost more than the margin
-  // (the serial reduction of many partials by one block, e.g. M = 1024, rank 64: 19 slices),
-  // the grid stays under 2 blocks per SM.
+  // down: a grid of at least 2 blocks per SM (>= 2 waves of the SM count: latency hiding, an
+  // even load; what issue 9 asks at every M), the cheapest such (tile, split count, reduction)
+  // by the cost model, whenever the work splits that far and the model puts it within
+  // kFillMargin of the cheapest grid of all; otherwise that cheapest grid. At the benchmark's
+  // shapes (in = out = 4096 / 8192, rank 64-256, M 64-16384) the filling grids cost up to ~20%
+  // more by the model (wave quantisation: 320 blocks on 132 SMs; partials through L2), closer
+  // than its unmeasured figures can tell apart; four are declined at 1.26-1.36x (M = 1024,
+  // in = 8192, rank 128 / 256; M = 4096, in = 4096, rank 128: 128 blocks of 128 x 128, one per
+  // SM, against 288-320; M = 64, in = 4096, rank 64: 16 slices of 256 against 43 of 96).
+  // PlanOptions::fill_margin (LRKERNELS_LOWRANK_FILL_MARGIN) replaces kFillMargin, so that a GPU
+  // run can time both (bench/lowrank.py's lrkernels-cuda-modelbest provider: 1.0).
+  // Candidates: every tile; split counts up to 3 blocks per SM and 64 slices; slices of >= 4 k
+  // steps (128 elements: a full 4-stage pipeline), or of 2-3 steps for a grid that fills only
+  // so (M = 64, in = 4096, rank 64: 8 row-tile x rank-chunk units need 33 slices). Decode shapes
+  // have fewer units of work than 2 x SMs even so (in = 4096, rank 64, M <= 16: 2 rank chunks x
+  // 64 slices): there the cheapest grid runs, every block resident, every copy issued at once.
   const Tile tiles[3] = {Tile::k16, Tile::k64, Tile::k128};
   struct Choice {
     double cost = -1;
     Tile tile = Tile::k16;
     int64_t splits = 1, slice = 0;
+    Reduce reduce = Reduce::kLastBlock;
   } any, filling;
+  const Reduce reduces[2] = {Reduce::kLastBlock, Reduce::kSeparate};
   for (const Tile tile : tiles) {
     if (opt.tile >= 0 && static_cast<int>(tile) != opt.tile) continue;
     const TileDims d = tile_dims(tile);
     const int64_t base = cdiv(M, d.bm) * cdiv(a.rank, d.bn);
     const int64_t max_splits = std::max<int64_t>(
-        1, std::min<int64_t>({cdiv(3 * sms, std::max<int64_t>(base, 1)), cdiv(a.in, 128), 64}));
+        1, std::min<int64_t>({cdiv(3 * sms, std::max<int64_t>(base, 1)), cdiv(a.in, 64), 64}));
     int64_t prev = 0;
     for (int64_t s = 1; s <= max_splits; ++s) {
       int64_t splits = opt.splits > 0 ? opt.splits : s;
       const int64_t slice = slice_for(a.in, &splits, kTcBK);
       if (splits == prev) continue;  // the same slicing as a smaller request
       prev = splits;
-      const Choice c{down_cost_us(M, a.in, a.rank, tile, splits, sms), tile, splits, slice};
-      if (any.cost < 0 || c.cost < any.cost) any = c;
-      if (base * splits >= 2 * sms && (filling.cost < 0 || c.cost < filling.cost)) filling = c;
+      const bool fills = base * splits >= 2 * sms;
+      const bool full_pipeline = slice >= 4 * kTcBK || splits == 1 || opt.splits > 0;
+      if (!fills && !full_pipeline) continue;
+      for (const Reduce reduce : reduces) {
+        if (splits == 1) {
+          if (reduce != Reduce::kLastBlock) continue;  // nothing to reduce: one candidate
+        } else if (opt.reduce >= 0 && static_cast<int>(reduce) != opt.reduce) {
+          continue;
+        }
+        const Choice c{down_cost_us(M, a.in, a.rank, tile, splits, reduce, sms), tile, splits,
+                       slice, reduce};
+        if (full_pipeline && (any.cost < 0 || c.cost < any.cost)) any = c;
+        if (fills && (filling.cost < 0 || c.cost < filling.cost)) filling = c;
+      }
       if (opt.splits > 0) break;
     }
   }
-  const Choice& down = filling.cost >= 0 && filling.cost <= kFillMargin * any.cost ? filling : any;
+  if (any.cost < 0) any = filling;  // only short slices were candidates (a forced tile)
+  const double margin = opt.fill_margin > 0 ? opt.fill_margin : kFillMargin;
+  const bool take_filling = filling.cost >= 0 && filling.cost <= margin * any.cost;
+  const Choice& down = take_filling ? filling : any;
   p.down_tile = down.tile;
   p.splits = static_cast<int>(down.splits);
   p.slice = down.slice;
+  p.reduce = p.splits > 1 ? down.reduce : Reduce::kLastBlock;
   const TileDims dd = tile_dims(p.down_tile);
   p.row_tiles = cdiv(M, dd.bm);
   p.rank_chunks = cdiv(a.rank, dd.bn);
   p.ldt = p.rank_chunks * dd.bn;  // a multiple of 32: whole k steps for `up`
 
+  // up: the cheapest tile by the model. It has no split to trade: a filling grid would mean
+  // smaller tiles, each re-reading U (M = 256, out = 4096: 16-row tiles, 2048 blocks, at about
+  // twice the estimate of 64-row tiles' 256 blocks).
   double best = -1;
   for (const Tile tile : tiles) {
     if (opt.tile >= 0 && static_cast<int>(tile) != opt.tile) continue;
@@ -310,7 +379,7 @@ inline LowRankPlan plan_lowrank(const LowRankArgs& args, const DeviceCaps& dev,
   const int64_t tiles_down = p.row_tiles * p.rank_chunks;
   p.partial_bytes =
       p.splits > 1 ? static_cast<size_t>(tiles_down * p.splits * dd.bm * dd.bn) * 4 : 0;
-  p.counters = p.splits > 1 ? static_cast<size_t>(tiles_down) : 0;
+  p.counters = p.splits > 1 && p.reduce == Reduce::kLastBlock ? static_cast<size_t>(tiles_down) : 0;
   return p;
 }
 

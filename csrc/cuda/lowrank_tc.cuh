@@ -240,6 +240,8 @@ struct Mainloop {
 // Internal launchers (lowrank_tc_down.cu, lowrank_tc_up.cu).
 cudaError_t launch_tc_down(const LowRankArgs& args, const LowRankPlan& plan, void* t,
                            float* partial, unsigned* counters, cudaStream_t stream);
+cudaError_t launch_tc_reduce(const LowRankArgs& args, const LowRankPlan& plan, void* t,
+                             const float* partial, cudaStream_t stream);
 cudaError_t launch_tc_up(const LowRankArgs& args, const LowRankPlan& plan, const void* t,
                          cudaStream_t stream);
 

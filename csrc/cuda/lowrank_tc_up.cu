@@ -194,8 +194,10 @@ cudaError_t launch_lowrank_tc(const LowRankArgs& args, const LowRankPlan& plan, 
                               unsigned* counters, cudaStream_t stream) {
   float* partial =
       reinterpret_cast<float*>(static_cast<unsigned char*>(workspace) + partial_offset(plan));
-  const cudaError_t err =
-      lowrank_tc::launch_tc_down(args, plan, workspace, partial, counters, stream);
+  cudaError_t err = lowrank_tc::launch_tc_down(args, plan, workspace, partial, counters, stream);
+  if (err == cudaSuccess && plan.separate_reduce()) {
+    err = lowrank_tc::launch_tc_reduce(args, plan, workspace, partial, stream);
+  }
   if (err != cudaSuccess) return err;
   return lowrank_tc::launch_tc_up(args, plan, workspace, stream);
 }

@@ -5,11 +5,16 @@
 // use PDL; repeat=N runs the same launch N times on the same counters.
 //
 // Case keys: dtype=f32|f16|bf16 M in out rank [path=auto|tc|gemv] [bias=0|1] [sms=N] [cc=9]
-//   [splits=N] [tile=0|1|2 (16|64|128)] [mis=<letters of x U V b y>] [vt=1: V stored as (in,
-//   rank) column-major, i.e. a transposed view] [ut=1: U likewise] [vpad=N] [upad=N] [xpad=N]
+//   [splits=N] [tile=0|1|2 (16|64|128)] [reduce=last|sep: who sums a split down's partials]
+//   [fill=X: take a grid of >= 2 blocks per SM within X times the best estimate]
+//   [both_reduce=1: a split tensor-core plan is run again with the other reduction; y must be
+//   bitwise equal (the two sum the partials in the same order)]
+//   [mis=<letters of x U V b y>] [vt=1: V stored as (in, rank) column-major, i.e. a transposed
+//   view] [ut=1: U likewise] [vpad=N] [upad=N] [xpad=N]
 //   (extra elements per stored row) [repeat=N] [dist=int|real] [seed=N] [expect=ok|invalid]
 //   [mode=run|plan] (plan: print the plan of the shape, allocate nothing)
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -39,8 +44,10 @@ std::string describe(const LowRankPlan& p, const LowRankArgs& a, int sms) {
     s += std::string(" down=") + tiles[static_cast<int>(p.down_tile)] +
          " up=" + tiles[static_cast<int>(p.up_tile)];
   }
-  s += " splits=" + std::to_string(p.splits) + " slice=" + std::to_string(p.slice) +
-       " down_blocks=" + std::to_string(p.down_blocks()) +
+  s += " splits=" + std::to_string(p.splits) +
+       (p.separate_reduce() ? " reduce=sep reduce_blocks=" + std::to_string(p.reduce_blocks(a.M))
+                            : std::string(p.splits > 1 ? " reduce=last" : "")) +
+       " slice=" + std::to_string(p.slice) + " down_blocks=" + std::to_string(p.down_blocks()) +
        " up_blocks=" + std::to_string(p.up_blocks()) +
        " layouts=" + std::to_string(static_cast<int>(p.x_layout)) +
        std::to_string(static_cast<int>(p.v_layout)) + std::to_string(static_cast<int>(p.u_layout)) +
@@ -48,7 +55,7 @@ std::string describe(const LowRankPlan& p, const LowRankArgs& a, int sms) {
        " counters=" + std::to_string(p.counters);
   if (p.path == Path::kTensorCore) {  // the planner's cost model (microseconds, H200 figures)
     namespace pd = lrkernels::cuda::plan_detail;
-    const double down = pd::down_cost_us(a.M, a.in, a.rank, p.down_tile, p.splits, sms);
+    const double down = pd::down_cost_us(a.M, a.in, a.rank, p.down_tile, p.splits, p.reduce, sms);
     const double up = pd::up_cost_us(a.M, a.out, p.ldt, p.up_tile, sms);
     s += " model_down_us=" + std::to_string(down) + " model_up_us=" + std::to_string(up);
   }
@@ -62,6 +69,10 @@ lrkernels::cuda::PlanOptions options(const drv::Case& c) {
   const std::string path = c.str("path", "auto");
   if (path == "gemv") o.path = static_cast<int>(Path::kGemv);
   if (path == "tc") o.path = static_cast<int>(Path::kTensorCore);
+  o.fill_margin = std::stod(c.str("fill", "0"));
+  const std::string reduce = c.str("reduce", "auto");
+  if (reduce == "last") o.reduce = static_cast<int>(lrkernels::cuda::Reduce::kLastBlock);
+  if (reduce == "sep") o.reduce = static_cast<int>(lrkernels::cuda::Reduce::kSeparate);
   return o;
 }
 
@@ -143,6 +154,25 @@ std::string run(const drv::Case& c, std::string* stats) {
     return "";
   }
   if (err != cudaSuccess) return "launch returned cudaError " + std::to_string(err);
+  if (c.num("both_reduce", 0) != 0) {
+    if (plan.path != Path::kTensorCore || plan.splits < 2)
+      return "both_reduce needs a split tc plan";
+    LowRankPlan other = plan;
+    other.reduce = plan.separate_reduce() ? lrkernels::cuda::Reduce::kLastBlock
+                                          : lrkernels::cuda::Reduce::kSeparate;
+    other.counters = other.separate_reduce() ? 0 : plan.row_tiles * plan.rank_chunks;
+    std::vector<T> first(y.data(), y.data() + y.size());
+    Buffer<unsigned> counters2(other.counters, 0);
+    for (size_t i = 0; i < counters2.size(); ++i) counters2[i] = 0;
+    ws.fill_nan();
+    y.fill_nan();
+    err = lrkernels::cuda::launch_lowrank(args, other, ws.data(), ws_bytes, counters2.data(),
+                                          other.counters, nullptr);
+    if (err != cudaSuccess) return "other reduction: cudaError " + std::to_string(err);
+    if (std::memcmp(first.data(), y.data(), y.size() * sizeof(T)) != 0) {
+      return "the two reductions differ";
+    }
+  }
 
   drv::Checker check(drv::tolerance<T>(), vals.exact());
   for (size_t i = 0; i < counters.size(); ++i) {
@@ -152,7 +182,10 @@ std::string run(const drv::Case& c, std::string* stats) {
     }
   }
   const long long pdl = emu::pdl_launch_count() - pdl_before;
-  const long long pdl_want = M > 0 && caps.cc_major >= 9 ? 2LL * repeat : 0;
+  const long long per_launch = plan.separate_reduce() ? 3 : 2;  // down, [reduce,] up
+  long long kernels = per_launch * repeat;
+  if (c.num("both_reduce", 0) != 0) kernels += 5 - per_launch;  // the other reduction's run
+  const long long pdl_want = M > 0 && caps.cc_major >= 9 ? kernels : 0;
   if (pdl != pdl_want) {
     check.fail("PDL launches: " + std::to_string(pdl) + ", expected " + std::to_string(pdl_want));
   }
