@@ -18,6 +18,7 @@ no stand-in for GPU numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -73,11 +74,28 @@ class ProviderSkip(Exception):
 class Provider:
     """A named implementation. `build(inputs)` returns a zero-argument callable producing the
     output (or raises ProviderSkip); `cost(inputs)` overrides the case's (flops, bytes) when this
-    provider does different work (e.g. a dense baseline)."""
+    provider does different work (e.g. a dense baseline); `env`: environment variables set while
+    it is built, checked and timed (a library knob read per call, e.g. a forced kernel plan)."""
 
     name: str
     build: Callable[[dict], Callable[[], torch.Tensor]]
     cost: Callable[[dict], tuple[int, int]] | None = None
+    env: Mapping[str, str] | None = None
+
+
+@contextlib.contextmanager
+def provider_env(prov: Provider):
+    """Sets `prov.env` for the duration, then restores what was there."""
+    saved = {k: os.environ.get(k) for k in prov.env or {}}
+    os.environ.update(prov.env or {})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @dataclasses.dataclass
@@ -402,8 +420,9 @@ def run_case(
         row.err_bound = ERROR_BOUNDS[dtype][0]
         rows.append(row)
         try:
-            fn = prov.build(inputs)
-            out = fn()
+            with provider_env(prov):
+                fn = prov.build(inputs)
+                out = fn()
         except ProviderSkip as e:
             row.status = f"skipped: {e}"
             continue
@@ -421,10 +440,12 @@ def run_case(
     for name, status in agreement_failures(kept, dtype).items():
         next(r for r in rows if r.provider == name).status = status
     kept.clear()
+    by_name = {p.name: p for p in providers}
     for row in rows:
         if not row.ok:
             continue
-        med, p20, p80, n, how = time_fn(fns[row.provider], device, **(timer_kw or {}))
+        with provider_env(by_name[row.provider]):
+            med, p20, p80, n, how = time_fn(fns[row.provider], device, **(timer_kw or {}))
         row.ms_median, row.ms_p20, row.ms_p80, row.n_runs, row.timing = med, p20, p80, n, how
         row.roofline_ms = roofline_time(row.flops, row.bytes, peaks) * 1e3
     fns.clear()

@@ -12,6 +12,9 @@ lowrank_linear(dy, Vᵀ, Uᵀ) on the transposed (non-contiguous) factors: what 
 backward runs. The full GPU sweep adds dx at M >= 1024 (the training shapes).
 
 Providers: lrkernels-cuda, lrkernels-triton, lrkernels-cpu (the library's backends);
+lrkernels-cuda-modelbest (the cuda backend with the planner's cheapest grid by its cost model,
+LRKERNELS_LOWRANK_FILL_MARGIN=1.0, instead of its default >= 2 blocks per SM: the A/B of issue 9's
+filling grids; only on a GPU);
 torch-2mm (two F.linear: the reference, the op's torch backend and the speedup baseline);
 torch-compile-2mm (the same under torch.compile, dynamic=False; left out of --headline);
 dense-linear (F.linear with W = U @ V precomputed). The backends and torch-2mm are the dispatch
@@ -51,6 +54,7 @@ OP = "lowrank_linear"
 BASELINE = "torch-2mm"
 ALL_PROVIDERS = [
     "lrkernels-cuda",
+    "lrkernels-cuda-modelbest",
     "lrkernels-triton",
     "lrkernels-cpu",
     "torch-2mm",
@@ -100,7 +104,7 @@ ROOFLINE_GOAL = 0.70  # from M = 1024
 # ------------------------------------------------------------------------------ providers
 
 
-def _backend_provider(name: str, backend: str) -> Provider:
+def _backend_provider(name: str, backend: str, env: dict[str, str] | None = None) -> Provider:
     def build(inp: dict):
         reasons = backends.not_supported_reasons(OP, backend, *inp["args"])
         if reasons:
@@ -108,7 +112,13 @@ def _backend_provider(name: str, backend: str) -> Provider:
         args = inp["args"]
         return lambda: lrkernels.lowrank_linear(*args, backend=backend)
 
-    return Provider(name, build)
+    return Provider(name, build, env=env)
+
+
+# The cuda backend with the planner's cheapest grid by its own cost model instead of the >= 2
+# blocks per SM it takes whenever the work splits that far (csrc/cuda/lowrank_kernels.cuh): the
+# A/B that settles whether the filling grids pay.
+MODEL_BEST_ENV = {"LRKERNELS_LOWRANK_FILL_MARGIN": "1.0"}
 
 
 def _torch_2mm(inp: dict):
@@ -142,6 +152,9 @@ def _dense_cost(inp: dict) -> tuple[int, int]:
 def make_providers(names: list[str]) -> list[Provider]:
     table = {
         "lrkernels-cuda": _backend_provider("lrkernels-cuda", "cuda"),
+        "lrkernels-cuda-modelbest": _backend_provider(
+            "lrkernels-cuda-modelbest", "cuda", MODEL_BEST_ENV
+        ),
         "lrkernels-triton": _backend_provider("lrkernels-triton", "triton"),
         "lrkernels-cpu": _backend_provider("lrkernels-cpu", "cpu"),
         "torch-2mm": Provider("torch-2mm", _torch_2mm),
@@ -342,11 +355,12 @@ def main(argv: list[str] | None = None, extra_providers: list[Provider] | None =
     `extra_providers` adds providers (tests inject a deliberately wrong one)."""
     args = parse_args(argv)
 
-    def headline_left_out(device_type: str) -> list[tuple[str, str]]:
+    def left_out_by_default(device_type: str) -> list[tuple[str, str]]:
+        left = [("lrkernels-cuda-modelbest", "a CUDA plan A/B")] if device_type == "cpu" else []
         if not args.headline:
-            return []
+            return left
         why = "--headline: one compile per shape costs seconds; name it in --providers to run it"
-        return [("torch-compile-2mm", why)]
+        return left + [("torch-compile-2mm", why)]
 
     run = harness.Bench(
         name="lowrank",
@@ -354,7 +368,7 @@ def main(argv: list[str] | None = None, extra_providers: list[Provider] | None =
         args=args,
         all_providers=ALL_PROVIDERS,
         baseline=BASELINE,
-        extra_left_out=headline_left_out,
+        extra_left_out=left_out_by_default,
     )
     providers = make_providers(run.provider_names) + list(extra_providers or [])
     cases = build_cases(args, run.device_type)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -170,6 +171,51 @@ def test_cross_check_marks_wrong_provider_failed_and_never_times_it():
     assert by["raises"].failed and "kernel exploded" in by["raises"].status
     assert by["skip"].status == "skipped: not here"
     assert by["wrong-dtype"].failed and "dtype" in by["wrong-dtype"].status
+
+
+def test_provider_env_is_set_while_built_checked_and_timed(monkeypatch):
+    """Provider.env (a library knob read per call, e.g. LRKERNELS_LOWRANK_FILL_MARGIN) holds
+    while that provider runs, not while another one does, and is restored afterwards."""
+    inp, ref, cost = _case()
+    monkeypatch.setenv("LRKERNELS_TEST_KNOB", "before")
+    seen = {"knob": [], "plain": []}
+
+    def recording(name):
+        def build(i):
+            seen[name].append(("build", os.environ.get("LRKERNELS_TEST_KNOB")))
+
+            def fn():
+                seen[name].append(("call", os.environ.get("LRKERNELS_TEST_KNOB")))
+                return lowrank_linear_reference(i["x"], i["U"], i["V"], i["bias"])
+
+            return fn
+
+        return build
+
+    providers = [
+        Provider("knob", recording("knob"), env={"LRKERNELS_TEST_KNOB": "set"}),
+        Provider("plain", recording("plain")),
+        *bench_lowrank.make_providers(["torch-2mm"]),
+    ]
+    rows = harness.run_case(
+        op="lowrank_linear",
+        shape=inp["shape"],
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        inputs=inp,
+        reference=ref,
+        cost=cost,
+        providers=providers,
+        peaks=DevicePeaks("cpu", 1e10, 1e11, False, ""),
+        baseline="torch-2mm",
+        timer_kw={"rep_s": 0.005},
+    )
+    assert all(r.ok for r in rows), [r.status for r in rows]
+    assert len(seen["knob"]) > 2 and {v for _, v in seen["knob"]} == {"set"}
+    assert len(seen["plain"]) > 2 and {v for _, v in seen["plain"]} == {"before"}
+    assert os.environ["LRKERNELS_TEST_KNOB"] == "before"
+    modelbest = bench_lowrank.make_providers(["lrkernels-cuda-modelbest"])[0]
+    assert modelbest.env == {"LRKERNELS_LOWRANK_FILL_MARGIN": "1.0"}
 
 
 def test_quick_cpu_run_writes_csv(tmp_path):
