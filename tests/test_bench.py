@@ -117,8 +117,25 @@ def _case(M=3, feat=64, rank=8, dtype=torch.float32):
     return inp, ref, cost
 
 
-def test_cross_check_marks_wrong_provider_failed_and_never_times_it():
+def _run_cpu_case(providers: list[Provider]) -> list[Row]:
+    """harness.run_case on _case()'s inputs, on the CPU, with short timing windows."""
     inp, ref, cost = _case()
+    return harness.run_case(
+        op="lowrank_linear",
+        shape=inp["shape"],
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        inputs=inp,
+        reference=ref,
+        cost=cost,
+        providers=providers,
+        peaks=DevicePeaks("cpu", 1e10, 1e11, False, ""),
+        baseline="torch-2mm",
+        timer_kw={"rep_s": 0.005},
+    )
+
+
+def test_cross_check_marks_wrong_provider_failed_and_never_times_it():
     calls = {"wrong": 0}
 
     def wrong(i):
@@ -148,20 +165,7 @@ def test_cross_check_marks_wrong_provider_failed_and_never_times_it():
             "wrong-dtype", lambda i: lambda: lowrank_linear_exact(i["x"], i["U"], i["V"], i["bias"])
         ),
     ]
-    peaks = DevicePeaks("cpu", 1e10, 1e11, False, "")
-    rows = harness.run_case(
-        op="lowrank_linear",
-        shape=inp["shape"],
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        inputs=inp,
-        reference=ref,
-        cost=cost,
-        providers=providers,
-        peaks=peaks,
-        baseline="torch-2mm",
-        timer_kw={"rep_s": 0.005},
-    )
+    rows = _run_cpu_case(providers)
     by = {r.provider: r for r in rows}
     assert by["torch-2mm"].ok and by["torch-2mm"].speedup == pytest.approx(1.0)
     assert by["dense-linear"].ok and by["dense-linear"].flops == dense_linear_cost(3, 64, 64, 4)[0]
@@ -176,7 +180,6 @@ def test_cross_check_marks_wrong_provider_failed_and_never_times_it():
 def test_provider_env_is_set_while_built_checked_and_timed(monkeypatch):
     """Provider.env (a library knob read per call, e.g. LRKERNELS_LOWRANK_FILL_MARGIN) holds
     while that provider runs, not while another one does, and is restored afterwards."""
-    inp, ref, cost = _case()
     monkeypatch.setenv("LRKERNELS_TEST_KNOB", "before")
     seen = {"knob": [], "plain": []}
 
@@ -197,19 +200,7 @@ def test_provider_env_is_set_while_built_checked_and_timed(monkeypatch):
         Provider("plain", recording("plain")),
         *bench_lowrank.make_providers(["torch-2mm"]),
     ]
-    rows = harness.run_case(
-        op="lowrank_linear",
-        shape=inp["shape"],
-        dtype=torch.float32,
-        device=torch.device("cpu"),
-        inputs=inp,
-        reference=ref,
-        cost=cost,
-        providers=providers,
-        peaks=DevicePeaks("cpu", 1e10, 1e11, False, ""),
-        baseline="torch-2mm",
-        timer_kw={"rep_s": 0.005},
-    )
+    rows = _run_cpu_case(providers)
     assert all(r.ok for r in rows), [r.status for r in rows]
     assert len(seen["knob"]) > 2 and {v for _, v in seen["knob"]} == {"set"}
     assert len(seen["plain"]) > 2 and {v for _, v in seen["plain"]} == {"before"}
